@@ -1,0 +1,278 @@
+//! Configuration from the environment: the variable names and defaults of the earlier implementation
+//! (`shared/reference/nkudo-mvp1-api.md` §0), with a SQLite default for `DATABASE_URL` and no built-in admin key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {message}")]
+    Invalid { var: &'static str, message: String },
+}
+
+/// Everything the control plane reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub admin_key: Option<String>,
+    pub require_persistent_pki: bool,
+    pub ca_cert_file: Option<PathBuf>,
+    pub ca_key_file: Option<PathBuf>,
+    pub server_cert_file: Option<PathBuf>,
+    pub server_key_file: Option<PathBuf>,
+    pub ca_common_name: String,
+    pub server_names: Vec<String>,
+    pub default_enrollment_ttl: Duration,
+    pub agent_cert_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_offline_after: Duration,
+    pub offline_sweep_interval: Duration,
+    pub heartbeat_flush_interval: Duration,
+    /// Plan leasing (`PLAN_LEASE_TTL`, `MAX_PENDING_PLANS`): read and validated now, used by plan leasing.
+    #[allow(dead_code)]
+    pub plan_lease_ttl: Duration,
+    #[allow(dead_code)]
+    pub max_pending_plans: u32,
+    pub enroll_rate_per_minute: u32,
+    pub enroll_rate_burst: u32,
+    pub shutdown_timeout: Duration,
+    pub json_logs: bool,
+}
+
+/// Minimum length of an admin key in production mode.
+pub const MIN_ADMIN_KEY_LEN: usize = 32;
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get` (the environment, or a map in tests). Empty values mean the default.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let var = |k: &str| get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let dur = |k: &'static str, default: &str| -> Result<Duration, ConfigError> {
+            let raw = var(k).unwrap_or_else(|| default.to_string());
+            parse_duration(&raw).map_err(|message| ConfigError::Invalid { var: k, message })
+        };
+        let num = |k: &'static str, default: u32| -> Result<u32, ConfigError> {
+            match var(k) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                    var: k,
+                    message: format!("{v:?} is not a non-negative integer"),
+                }),
+            }
+        };
+        let flag = |k: &'static str| -> Result<bool, ConfigError> {
+            match var(k) {
+                None => Ok(false),
+                Some(v) => parse_bool(&v).ok_or_else(|| ConfigError::Invalid {
+                    var: k,
+                    message: format!("{v:?} is not a boolean"),
+                }),
+            }
+        };
+        let path = |k: &str| var(k).map(PathBuf::from);
+
+        let listen_raw = var("CONTROL_PLANE_ADDR").unwrap_or_else(|| ":8443".into());
+        let listen_addr = parse_listen_addr(&listen_raw).map_err(|message| ConfigError::Invalid {
+            var: "CONTROL_PLANE_ADDR",
+            message,
+        })?;
+        let data_dir = path("NKUDO_DATA_DIR").unwrap_or_else(|| PathBuf::from("data"));
+        let database_url = var("DATABASE_URL")
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("nkudo.db").display()));
+        let mut server_names: Vec<String> = var("SERVER_NAMES")
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default();
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let h = h.trim();
+            if !h.is_empty() && !server_names.iter().any(|n| n == h) {
+                server_names.push(h.to_string());
+            }
+        }
+        let cfg = Config {
+            listen_addr,
+            data_dir,
+            database_url,
+            admin_key: var("ADMIN_KEY"),
+            require_persistent_pki: flag("REQUIRE_PERSISTENT_PKI")?,
+            ca_cert_file: path("CA_CERT_FILE"),
+            ca_key_file: path("CA_KEY_FILE"),
+            server_cert_file: path("SERVER_CERT_FILE"),
+            server_key_file: path("SERVER_KEY_FILE"),
+            ca_common_name: var("CA_COMMON_NAME").unwrap_or_else(|| "n-kudo-agent-ca".into()),
+            server_names,
+            default_enrollment_ttl: dur("DEFAULT_ENROLLMENT_TTL", "15m")?,
+            agent_cert_ttl: dur("AGENT_CERT_TTL", "24h")?,
+            heartbeat_interval: dur("HEARTBEAT_INTERVAL", "15s")?,
+            heartbeat_offline_after: dur("HEARTBEAT_OFFLINE_AFTER", "60s")?,
+            offline_sweep_interval: dur("OFFLINE_SWEEP_INTERVAL", "15s")?,
+            heartbeat_flush_interval: dur("HEARTBEAT_FLUSH_INTERVAL", "1s")?,
+            plan_lease_ttl: dur("PLAN_LEASE_TTL", "45s")?,
+            max_pending_plans: num("MAX_PENDING_PLANS", 2)?,
+            enroll_rate_per_minute: num("ENROLL_RATE_LIMIT_PER_MINUTE", 10)?,
+            enroll_rate_burst: num("ENROLL_RATE_LIMIT_BURST", 20)?,
+            shutdown_timeout: dur("HTTP_SHUTDOWN_TIMEOUT", "10s")?,
+            json_logs: var("LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |var, message: &str| {
+            Err(ConfigError::Invalid {
+                var,
+                message: message.to_string(),
+            })
+        };
+        if self.agent_cert_ttl < Duration::from_secs(60) {
+            return invalid("AGENT_CERT_TTL", "must be at least 1m");
+        }
+        if self.heartbeat_flush_interval.is_zero() {
+            return invalid("HEARTBEAT_FLUSH_INTERVAL", "must be greater than zero");
+        }
+        if self.enroll_rate_per_minute == 0 || self.enroll_rate_burst == 0 {
+            return invalid("ENROLL_RATE_LIMIT_PER_MINUTE", "rate and burst must be at least 1");
+        }
+        if self.require_persistent_pki {
+            match &self.admin_key {
+                None => return invalid("ADMIN_KEY", "is required when REQUIRE_PERSISTENT_PKI=true"),
+                Some(k) if k.len() < MIN_ADMIN_KEY_LEN => {
+                    return Err(ConfigError::Invalid {
+                        var: "ADMIN_KEY",
+                        message: format!(
+                            "is {} characters; production mode (REQUIRE_PERSISTENT_PKI=true) needs at least {MIN_ADMIN_KEY_LEN}",
+                            k.len()
+                        ),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The heartbeat interval in whole seconds as agents receive it (at least 1).
+    pub fn heartbeat_interval_secs(&self) -> i64 {
+        (self.heartbeat_interval.as_secs() as i64).max(1)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")
+    }
+}
+
+/// Parses a Go-style duration (`1h30m`, `15s`, `250ms`) or bare seconds (`30`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let s = raw.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{raw:?}: missing unit (use ms, s, m or h)"))?;
+        if num_len == 0 {
+            return Err(format!("{raw:?}: expected a number"));
+        }
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("{raw:?}: bad number"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = match unit {
+            "ns" => value / 1e9,
+            "us" | "µs" => value / 1e6,
+            "ms" => value / 1e3,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            other => return Err(format!("{raw:?}: unknown unit {other:?}")),
+        };
+        total += Duration::from_secs_f64(secs);
+    }
+    Ok(total)
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "true" | "TRUE" | "True" | "yes" | "YES" | "on" | "ON" => Some(true),
+        "0" | "false" | "FALSE" | "False" | "no" | "NO" | "off" | "OFF" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `:8443` (all interfaces, as Go writes it), `127.0.0.1:0` or `[::1]:8443`.
+fn parse_listen_addr(raw: &str) -> Result<SocketAddr, String> {
+    let full = if raw.starts_with(':') {
+        format!("0.0.0.0{raw}")
+    } else {
+        raw.to_string()
+    };
+    full.parse()
+        .map_err(|_| format!("{raw:?} is not an address such as :8443 or 127.0.0.1:8443"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("15x").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("10").is_ok());
+    }
+
+    #[test]
+    fn defaults_follow_the_reference() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.listen_addr.port(), 8443);
+        assert_eq!(c.agent_cert_ttl, Duration::from_secs(86400));
+        assert_eq!(c.default_enrollment_ttl, Duration::from_secs(900));
+        assert!(c.database_url.starts_with("sqlite://"));
+        assert!(c.admin_key.is_none());
+        assert_eq!(c.max_pending_plans, 2);
+    }
+
+    #[test]
+    fn production_mode_refuses_missing_or_short_admin_key() {
+        let e = cfg(&[("REQUIRE_PERSISTENT_PKI", "true")]).unwrap_err();
+        assert!(e.to_string().contains("ADMIN_KEY"), "{e}");
+        let e = cfg(&[("REQUIRE_PERSISTENT_PKI", "true"), ("ADMIN_KEY", "short")]).unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+        let long = "k".repeat(40);
+        assert!(cfg(&[("REQUIRE_PERSISTENT_PKI", "yes"), ("ADMIN_KEY", &long)]).is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = cfg(&[("AGENT_CERT_TTL", "forever")]).unwrap_err();
+        assert!(e.to_string().starts_with("AGENT_CERT_TTL"), "{e}");
+        let e = cfg(&[("CONTROL_PLANE_ADDR", "nope")]).unwrap_err();
+        assert!(e.to_string().starts_with("CONTROL_PLANE_ADDR"), "{e}");
+    }
+}

@@ -1,0 +1,1293 @@
+//! Agent PKI and server TLS identity of the control plane.
+//!
+//! This module owns every certificate the control plane deals with:
+//!
+//! * the **agent CA**, which signs agent client certificates at enrollment and renewal
+//!   ([`Pki::sign_agent_csr`]). The subject and extensions of an agent's CSR are ignored: the
+//!   issued certificate carries CN = agent id, O = `n-kudo-agent`, the SAN URI
+//!   `spiffe://nkudo/tenant/<tenant>/site/<site>/agent/<agent>` and EKU clientAuth;
+//! * the **server certificate** of the HTTPS listener ([`Pki::server_tls_config`]): TLS 1.3 only,
+//!   ALPN `h2` and `http/1.1`, client certificates optional at the handshake but, when presented,
+//!   verified against the agent CA (a certificate from another CA fails the handshake);
+//! * the **CA bundle** handed to agents ([`Pki::ca_bundle_pem`], also written to
+//!   `<data_dir>/pki/ca-bundle.pem`): the agent CA, plus the trust anchor of the server chain when
+//!   the server certificate was not issued by the agent CA, so an agent trusting only the bundle
+//!   verifies the server without skipping verification.
+//!
+//! Two modes, chosen per pair of files:
+//!
+//! * **persistent**: `CA_CERT_FILE` + `CA_KEY_FILE` and/or `SERVER_CERT_FILE` + `SERVER_KEY_FILE`
+//!   (PEM; keys PKCS#8, SEC1 EC or PKCS#1 RSA). Each pair is "both or neither". With
+//!   `REQUIRE_PERSISTENT_PKI` all four are required.
+//! * **dev**: whatever is not given is generated (ECDSA P-256) under `<data_dir>/pki/` (directory
+//!   0700, keys 0600, atomic writes) and reloaded on the next start, so a restart keeps enrolled
+//!   agents valid. The dev server certificate is signed by the agent CA and is re-issued (by the
+//!   same CA) when it expires within 30 days, no longer covers the configured server names, or was
+//!   not issued by the current CA.
+//!
+//! Everything uses rustls' *ring* provider explicitly; no process-wide default provider is needed.
+//! Serial numbers are reported as lowercase hex of the big-endian bytes without leading zero bytes
+//! ([`IssuedCert::serial_hex`] and [`peer_identity`] agree on this form).
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use rand::Rng as _;
+use rcgen::{
+    BasicConstraints, BmpString, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, SignatureAlgorithm, UniversalString,
+};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, DnsName, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA, OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+use x509_parser::time::ASN1Time;
+use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
+
+/// Environment variable names, used in error messages.
+const ENV_CA_CERT: &str = "CA_CERT_FILE";
+const ENV_CA_KEY: &str = "CA_KEY_FILE";
+const ENV_SERVER_CERT: &str = "SERVER_CERT_FILE";
+const ENV_SERVER_KEY: &str = "SERVER_KEY_FILE";
+
+/// Files under `<data_dir>/pki/`.
+const PKI_DIR: &str = "pki";
+const DEV_CA_CERT: &str = "ca.crt";
+const DEV_CA_KEY: &str = "ca.key";
+const DEV_SERVER_CERT: &str = "server.crt";
+const DEV_SERVER_KEY: &str = "server.key";
+const CA_BUNDLE: &str = "ca-bundle.pem";
+
+const DAY_SECS: i64 = 24 * 60 * 60;
+/// Lifetime of a generated dev CA.
+const DEV_CA_LIFETIME_SECS: i64 = 3650 * DAY_SECS;
+/// Lifetime of a generated dev server certificate.
+const DEV_SERVER_LIFETIME_SECS: i64 = 365 * DAY_SECS;
+/// A dev server certificate expiring within this window is re-issued at start-up.
+const SERVER_RENEW_BEFORE_SECS: i64 = 30 * DAY_SECS;
+/// Back-dating of generated CA and server certificates (clock skew).
+const DEV_BACKDATE_SECS: i64 = 5 * 60;
+/// Back-dating of agent certificates (clock skew).
+const AGENT_BACKDATE_SECS: i64 = 60;
+/// Names always present in a generated server certificate.
+const DEFAULT_SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+const MODE_DIR: u32 = 0o700;
+const MODE_KEY: u32 = 0o600;
+const MODE_PUBLIC: u32 = 0o644;
+
+/// How the PKI is sourced. Paths are the `*_FILE` variables; `data_dir` is `NKUDO_DATA_DIR`.
+#[derive(Debug, Clone)]
+pub struct PkiConfig {
+    /// The dev PKI and the CA bundle live in `<data_dir>/pki/`.
+    pub data_dir: PathBuf,
+    /// `CA_CERT_FILE`: PEM agent CA certificate (the first certificate of the file is used).
+    pub ca_cert_file: Option<PathBuf>,
+    /// `CA_KEY_FILE`: PEM private key of the agent CA.
+    pub ca_key_file: Option<PathBuf>,
+    /// `SERVER_CERT_FILE`: PEM server certificate chain, leaf first.
+    pub server_cert_file: Option<PathBuf>,
+    /// `SERVER_KEY_FILE`: PEM private key of the server certificate.
+    pub server_key_file: Option<PathBuf>,
+    /// `REQUIRE_PERSISTENT_PKI`: all four files are required.
+    pub require_persistent: bool,
+    /// Common name of a generated dev CA.
+    pub ca_common_name: String,
+    /// DNS names / IP literals the dev server certificate must cover (besides `localhost`,
+    /// `127.0.0.1` and `::1`, which are always included).
+    pub server_names: Vec<String>,
+}
+
+/// Errors of the PKI.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// `REQUIRE_PERSISTENT_PKI` is set and some of the four files are not.
+    #[error("REQUIRE_PERSISTENT_PKI is set but {} not set", describe_missing(.missing))]
+    MissingPersistentFiles {
+        /// The unset variables, e.g. `CA_KEY_FILE`.
+        missing: Vec<&'static str>,
+    },
+    /// One file of a cert/key pair without the other.
+    #[error("{set} is set but {unset} is not: set both or neither")]
+    IncompletePair {
+        /// The variable that is set.
+        set: &'static str,
+        /// The variable that is missing.
+        unset: &'static str,
+    },
+    /// The dev CA on disk has a certificate without a key or the other way round.
+    #[error(
+        "dev PKI in {} is incomplete: {present} exists but {missing} does not; restore it, or \
+         delete {present} to create a new CA (this invalidates every enrolled agent)",
+        .dir.display()
+    )]
+    IncompleteDevCa {
+        /// The dev PKI directory.
+        dir: PathBuf,
+        /// The file that exists.
+        present: &'static str,
+        /// The file that is missing.
+        missing: &'static str,
+    },
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A certificate or key file is unusable.
+    #[error("{}: {reason}", .path.display())]
+    InvalidFile {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configured server name is neither a DNS name nor an IP address.
+    #[error("invalid server name {0:?}: expected a DNS name or an IP address")]
+    InvalidServerName(String),
+    /// An agent identity field cannot be put into a certificate.
+    #[error("invalid agent identity: {0}")]
+    InvalidIdentity(String),
+    /// The requested certificate lifetime is zero or out of range.
+    #[error("invalid certificate lifetime {0:?}")]
+    InvalidTtl(Duration),
+    /// The certificate signing request is malformed, badly signed or uses an unsupported key.
+    #[error("invalid certificate signing request: {0}")]
+    Csr(String),
+    /// Generating or signing a certificate failed.
+    #[error("certificate generation failed: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// Building the TLS configuration failed.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+fn describe_missing(missing: &[&'static str]) -> String {
+    match missing {
+        [one] => format!("{one} is"),
+        many => format!("{} are", many.join(", ")),
+    }
+}
+
+/// The identity an agent certificate is issued for.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentIdentity<'a> {
+    /// Tenant id (UUID string).
+    pub tenant_id: &'a str,
+    /// Site id (UUID string).
+    pub site_id: &'a str,
+    /// Agent id (UUID string); becomes the certificate CN.
+    pub agent_id: &'a str,
+}
+
+/// A freshly issued agent certificate.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The certificate (PEM, one block).
+    pub cert_pem: String,
+    /// Serial number: lowercase hex, big-endian, no leading zero bytes (same as [`peer_identity`]).
+    pub serial_hex: String,
+    /// `notAfter` in Unix milliseconds.
+    pub not_after_ms: i64,
+}
+
+/// What the server learned from a client certificate at the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The subject CN (the agent id for certificates this module issues).
+    pub agent_id: String,
+    /// Serial number in the same form as [`IssuedCert::serial_hex`].
+    pub serial_hex: String,
+    /// `notAfter` in Unix milliseconds.
+    pub not_after_ms: i64,
+}
+
+/// The loaded PKI: agent CA, server TLS configuration and CA bundle.
+pub struct Pki {
+    ca: Ca,
+    ca_bundle_pem: String,
+    ca_bundle_path: PathBuf,
+    server_config: Arc<ServerConfig>,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki")
+            .field("ca_bundle_path", &self.ca_bundle_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Loads the persistent files and/or loads or creates the dev PKI under `<data_dir>/pki/`,
+    /// writes `<data_dir>/pki/ca-bundle.pem` and builds the server TLS configuration.
+    pub fn load_or_create(cfg: &PkiConfig) -> Result<Pki, PkiError> {
+        if cfg.require_persistent {
+            let missing: Vec<&'static str> = [
+                (ENV_CA_CERT, &cfg.ca_cert_file),
+                (ENV_CA_KEY, &cfg.ca_key_file),
+                (ENV_SERVER_CERT, &cfg.server_cert_file),
+                (ENV_SERVER_KEY, &cfg.server_key_file),
+            ]
+            .into_iter()
+            .filter(|(_, path)| path.is_none())
+            .map(|(name, _)| name)
+            .collect();
+            if !missing.is_empty() {
+                return Err(PkiError::MissingPersistentFiles { missing });
+            }
+        }
+        let ca_files = file_pair(&cfg.ca_cert_file, &cfg.ca_key_file, ENV_CA_CERT, ENV_CA_KEY)?;
+        let server_files = file_pair(
+            &cfg.server_cert_file,
+            &cfg.server_key_file,
+            ENV_SERVER_CERT,
+            ENV_SERVER_KEY,
+        )?;
+        let names = required_server_names(&cfg.server_names)?;
+
+        let dir = cfg.data_dir.join(PKI_DIR);
+        ensure_private_dir(&dir)?;
+
+        let ca = match ca_files {
+            Some((cert, key)) => {
+                let ca = Ca::from_pem(&read_file(cert)?, &read_file(key)?, cert, key)?;
+                tracing::info!(cert = %cert.display(), "agent CA loaded");
+                ca
+            }
+            None => load_or_create_dev_ca(&dir, &cfg.ca_common_name)?,
+        };
+        let server = match server_files {
+            Some((cert, key)) => load_server_files(cert, key, &names)?,
+            None => load_or_create_dev_server(&dir, &ca, &names)?,
+        };
+
+        let ca_bundle_pem = build_ca_bundle(&ca, &server.chain)?;
+        let ca_bundle_path = dir.join(CA_BUNDLE);
+        write_atomic(&ca_bundle_path, ca_bundle_pem.as_bytes(), MODE_PUBLIC)?;
+
+        let server_config =
+            build_server_config(&ca.der, server.chain, server.key).map_err(|e| {
+                PkiError::Tls(format!(
+                    "server certificate {} with key {}: {e}",
+                    server.cert_path.display(),
+                    server.key_path.display()
+                ))
+            })?;
+
+        Ok(Pki {
+            ca,
+            ca_bundle_pem,
+            ca_bundle_path,
+            server_config,
+        })
+    }
+
+    /// The PEM bundle handed to agents: it issues agent certificates and lets an agent verify the
+    /// server.
+    pub fn ca_bundle_pem(&self) -> &str {
+        &self.ca_bundle_pem
+    }
+
+    /// The file holding [`Pki::ca_bundle_pem`]: `<data_dir>/pki/ca-bundle.pem`.
+    pub fn ca_bundle_path(&self) -> &Path {
+        &self.ca_bundle_path
+    }
+
+    /// The rustls server configuration (ring provider, TLS 1.3, ALPN `h2` + `http/1.1`, optional
+    /// client certificates verified against the agent CA). Built once at load; each call returns
+    /// the same shared configuration.
+    pub fn server_tls_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
+        Ok(Arc::clone(&self.server_config))
+    }
+
+    /// Verifies the CSR's self-signature and issues an agent certificate for `id`, valid from one
+    /// minute ago until `now + ttl`. The CSR only contributes its public key (ECDSA P-256/P-384,
+    /// Ed25519 or RSA 2048–4096 bits); its subject and extensions are ignored.
+    pub fn sign_agent_csr(
+        &self,
+        csr_pem: &str,
+        id: &AgentIdentity,
+        ttl: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        validate_identity(id)?;
+        let key = CsrPublicKey::from_pem(csr_pem)?;
+
+        let now = unix_now();
+        let not_after = i64::try_from(ttl.as_secs())
+            .ok()
+            .filter(|secs| *secs > 0)
+            .and_then(|secs| now.checked_add(secs))
+            .and_then(|secs| ASN1Time::from_timestamp(secs).ok())
+            .ok_or(PkiError::InvalidTtl(ttl))?;
+        let not_before = asn1_time(now - AGENT_BACKDATE_SECS)?;
+
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(random_serial());
+        params.not_before = not_before.to_datetime();
+        params.not_after = not_after.to_datetime();
+        params.distinguished_name = distinguished_name(id.agent_id, "n-kudo-agent");
+        let uri = format!(
+            "spiffe://nkudo/tenant/{}/site/{}/agent/{}",
+            id.tenant_id, id.site_id, id.agent_id
+        );
+        let uri = Ia5String::try_from(uri)
+            .map_err(|e| PkiError::InvalidIdentity(format!("SAN URI: {e}")))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if key.is_rsa() {
+            // keyEncipherment is meaningful (and allowed, RFC 5480/8410) for RSA keys only.
+            params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+
+        let cert = params.signed_by(&key, &self.ca.issuer, &self.ca.key)?;
+        let issued = peer_identity(cert.der()).ok_or_else(|| {
+            PkiError::Tls("the issued certificate cannot be parsed back".to_string())
+        })?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            serial_hex: issued.serial_hex,
+            not_after_ms: issued.not_after_ms,
+        })
+    }
+}
+
+/// Reads CN, serial and `notAfter` from a DER certificate (the client certificate presented at
+/// the handshake). `None` when the DER does not parse or has no UTF-8 CN.
+pub fn peer_identity(cert_der: &[u8]) -> Option<PeerIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let agent_id = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let not_after_ms = cert.validity().not_after.timestamp().checked_mul(1000)?;
+    Some(PeerIdentity {
+        agent_id,
+        serial_hex: serial_hex(cert.raw_serial()),
+        not_after_ms,
+    })
+}
+
+/// Lowercase hex of the serial's big-endian bytes without leading zero bytes (`00` for zero).
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    let trimmed = &raw[start..];
+    if trimmed.is_empty() {
+        "00".to_string()
+    } else {
+        hex::encode(trimmed)
+    }
+}
+
+/// A random positive 128-bit serial whose first byte is in 0x01..=0x7f (16 DER bytes, no sign
+/// padding, never zero).
+fn random_serial() -> SerialNumber {
+    let mut rng = rand::thread_rng();
+    let mut bytes = [0u8; 16];
+    rng.fill(&mut bytes[..]);
+    bytes[0] = rng.gen_range(0x01..=0x7f);
+    SerialNumber::from_slice(&bytes)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn asn1_time(secs: i64) -> Result<ASN1Time, PkiError> {
+    ASN1Time::from_timestamp(secs).map_err(|e| PkiError::Tls(format!("time {secs}: {e}")))
+}
+
+fn distinguished_name(common_name: &str, organization: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organization);
+    dn
+}
+
+/// Characters allowed in identity fields: URI "unreserved" (RFC 3986), so the SAN URI stays
+/// well-formed and unambiguous.
+fn validate_identity(id: &AgentIdentity) -> Result<(), PkiError> {
+    for (field, value) in [
+        ("tenant_id", id.tenant_id),
+        ("site_id", id.site_id),
+        ("agent_id", id.agent_id),
+    ] {
+        if value.is_empty() || value.len() > 64 {
+            return Err(PkiError::InvalidIdentity(format!(
+                "{field} must be 1 to 64 characters"
+            )));
+        }
+        if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            return Err(PkiError::InvalidIdentity(format!(
+                "{field} {value:?} may only contain letters, digits, '-', '.', '_' and '~'"
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSR handling
+// ---------------------------------------------------------------------------------------------
+
+/// The public key of a verified CSR, in the form rcgen needs to put it into a certificate.
+struct CsrPublicKey {
+    /// Content of the SubjectPublicKeyInfo BIT STRING.
+    raw: Vec<u8>,
+    /// rcgen algorithm whose key OIDs describe the key (rsaEncryption, id-ecPublicKey + curve,
+    /// or Ed25519).
+    alg: &'static SignatureAlgorithm,
+}
+
+impl PublicKeyData for CsrPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl CsrPublicKey {
+    fn is_rsa(&self) -> bool {
+        self.alg == &rcgen::PKCS_RSA_SHA256
+    }
+
+    fn from_pem(csr_pem: &str) -> Result<Self, PkiError> {
+        let der =
+            CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| {
+                PkiError::Csr(format!("no PEM \"CERTIFICATE REQUEST\" block found ({e})"))
+            })?;
+        let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
+            .map_err(|e| PkiError::Csr(format!("malformed DER: {e}")))?;
+        if !rest.is_empty() {
+            return Err(PkiError::Csr("trailing data after the request".to_string()));
+        }
+        let sig_alg = &csr.signature_algorithm.algorithm;
+        if *sig_alg == OID_PKCS1_SHA1WITHRSA || *sig_alg == OID_SHA1_WITH_RSA {
+            return Err(PkiError::Csr(
+                "SHA-1 signatures are not accepted".to_string(),
+            ));
+        }
+        let spki = &csr.certification_request_info.subject_pki;
+        let alg = classify_key(spki)?;
+        csr.verify_signature().map_err(|e| {
+            PkiError::Csr(format!(
+                "the request's self-signature does not verify ({e})"
+            ))
+        })?;
+        Ok(CsrPublicKey {
+            raw: spki.subject_public_key.data.to_vec(),
+            alg,
+        })
+    }
+}
+
+/// Accepts ECDSA P-256/P-384, Ed25519 and RSA 2048–4096 bits.
+fn classify_key(spki: &SubjectPublicKeyInfo) -> Result<&'static SignatureAlgorithm, PkiError> {
+    let oid = &spki.algorithm.algorithm;
+    if *oid == OID_PKCS1_RSAENCRYPTION {
+        let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Err(PkiError::Csr("malformed RSA public key".to_string()));
+        };
+        let bits = bit_length(rsa.modulus);
+        if !(2048..=4096).contains(&bits) {
+            return Err(PkiError::Csr(format!(
+                "RSA key of {bits} bits: 2048 to 4096 bits are accepted"
+            )));
+        }
+        Ok(&rcgen::PKCS_RSA_SHA256)
+    } else if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        match curve {
+            Some(c) if c == OID_EC_P256 => Ok(&rcgen::PKCS_ECDSA_P256_SHA256),
+            Some(c) if c == OID_NIST_EC_P384 => Ok(&rcgen::PKCS_ECDSA_P384_SHA384),
+            _ => Err(PkiError::Csr(
+                "unsupported elliptic curve: P-256 and P-384 are accepted".to_string(),
+            )),
+        }
+    } else if *oid == OID_SIG_ED25519 {
+        if spki.subject_public_key.data.len() != 32 {
+            return Err(PkiError::Csr("malformed Ed25519 public key".to_string()));
+        }
+        Ok(&rcgen::PKCS_ED25519)
+    } else {
+        Err(PkiError::Csr(format!(
+            "unsupported key algorithm {oid}: ECDSA P-256/P-384, Ed25519 and RSA are accepted"
+        )))
+    }
+}
+
+/// Bit length of a big-endian unsigned integer.
+fn bit_length(bytes: &[u8]) -> usize {
+    match bytes.iter().position(|b| *b != 0) {
+        Some(i) => (bytes.len() - i - 1) * 8 + (8 - bytes[i].leading_zeros() as usize),
+        None => 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent CA
+// ---------------------------------------------------------------------------------------------
+
+/// The agent CA: its real certificate, and an rcgen issuer with the same subject and key.
+struct Ca {
+    der: CertificateDer<'static>,
+    pem: String,
+    /// Signing handle for rcgen (re-created from the CA's subject and key; only its subject,
+    /// key identifier and key matter).
+    issuer: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn from_pem(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<Ca, PkiError> {
+        let invalid_cert = |reason: String| PkiError::InvalidFile {
+            path: cert_path.to_path_buf(),
+            reason,
+        };
+        let der = CertificateDer::from_pem_slice(cert_pem)
+            .map_err(|e| invalid_cert(format!("no PEM certificate found ({e})")))?;
+        let key = load_key_pair(key_pem).map_err(|reason| PkiError::InvalidFile {
+            path: key_path.to_path_buf(),
+            reason,
+        })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| invalid_cert(format!("malformed certificate: {e}")))?;
+        if !cert.is_ca() {
+            return Err(invalid_cert(
+                "not a CA certificate (basicConstraints CA:TRUE is missing)".to_string(),
+            ));
+        }
+        if let Ok(Some(ku)) = cert.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err(invalid_cert(
+                    "the key usage does not allow signing certificates (keyCertSign)".to_string(),
+                ));
+            }
+        }
+        if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+            return Err(PkiError::InvalidFile {
+                path: key_path.to_path_buf(),
+                reason: format!(
+                    "the key does not match the certificate in {}",
+                    cert_path.display()
+                ),
+            });
+        }
+        let now = unix_now();
+        let not_after = cert.validity().not_after.timestamp();
+        if not_after <= now {
+            tracing::warn!(cert = %cert_path.display(), "the agent CA certificate has expired");
+        } else if not_after - now < SERVER_RENEW_BEFORE_SECS {
+            tracing::warn!(cert = %cert_path.display(), "the agent CA certificate expires within 30 days");
+        }
+
+        // rcgen signs "by a Certificate": re-create one with the CA's exact subject and key.
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen_name(cert.subject())
+            .map_err(|e| invalid_cert(format!("subject name cannot be used for signing: {e}")))?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ski = cert
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                _ => None,
+            });
+        if let Some(ski) = ski {
+            params.key_identifier_method = KeyIdMethod::PreSpecified(ski);
+        }
+        let issuer = params.self_signed(&key)?;
+        // Issued certificates must name the CA byte for byte, or chains will not verify.
+        let same_subject = x509_parser::parse_x509_certificate(issuer.der().as_ref())
+            .map(|(_, c)| c.subject().as_raw() == cert.subject().as_raw())
+            .unwrap_or(false);
+        if !same_subject {
+            return Err(invalid_cert(
+                "subject name cannot be reproduced exactly when signing (repeated attribute \
+                 types are not supported)"
+                    .to_string(),
+            ));
+        }
+
+        let pem = pem_encode("CERTIFICATE", der.as_ref());
+        Ok(Ca {
+            der: der.into_owned(),
+            pem,
+            issuer,
+            key,
+        })
+    }
+
+    /// Whether `cert` names this CA as issuer and carries a valid signature by its key.
+    fn issued(&self, cert: &X509Certificate) -> bool {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(self.der.as_ref()) else {
+            return false;
+        };
+        cert.issuer().as_raw() == ca.subject().as_raw()
+            && cert.verify_signature(Some(ca.public_key())).is_ok()
+    }
+}
+
+/// Converts an X.509 name into rcgen's model, keeping string types (one attribute per RDN).
+fn rcgen_name(name: &X509Name) -> Result<DistinguishedName, String> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err("multi-valued or empty relative distinguished name".to_string());
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or_else(|| "attribute type OID out of range".to_string())?
+            .collect();
+        let value = attr.attr_value();
+        let data = value.data;
+        let text =
+            || std::str::from_utf8(data).map_err(|_| "attribute is not valid text".to_string());
+        let value = match value.header.tag() {
+            Tag::Utf8String => DnValue::Utf8String(text()?.to_string()),
+            Tag::PrintableString => {
+                DnValue::PrintableString(text()?.try_into().map_err(|e| format!("{e}"))?)
+            }
+            Tag::Ia5String => DnValue::Ia5String(text()?.try_into().map_err(|e| format!("{e}"))?),
+            Tag::T61String => {
+                DnValue::TeletexString(text()?.try_into().map_err(|e| format!("{e}"))?)
+            }
+            Tag::BmpString => DnValue::BmpString(
+                BmpString::from_utf16be(data.to_vec()).map_err(|e| format!("{e}"))?,
+            ),
+            Tag::UniversalString => DnValue::UniversalString(
+                UniversalString::from_utf32be(data.to_vec()).map_err(|e| format!("{e}"))?,
+            ),
+            other => return Err(format!("unsupported attribute string type {other}")),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
+}
+
+fn load_or_create_dev_ca(dir: &Path, common_name: &str) -> Result<Ca, PkiError> {
+    let cert_path = dir.join(DEV_CA_CERT);
+    let key_path = dir.join(DEV_CA_KEY);
+    match (exists(&cert_path)?, exists(&key_path)?) {
+        (true, true) => {
+            tighten_key_permissions(&key_path)?;
+            let ca = Ca::from_pem(
+                &read_file(&cert_path)?,
+                &read_file(&key_path)?,
+                &cert_path,
+                &key_path,
+            )?;
+            tracing::info!(cert = %cert_path.display(), "dev agent CA loaded");
+            Ok(ca)
+        }
+        (true, false) => Err(PkiError::IncompleteDevCa {
+            dir: dir.to_path_buf(),
+            present: DEV_CA_CERT,
+            missing: DEV_CA_KEY,
+        }),
+        (false, true) => Err(PkiError::IncompleteDevCa {
+            dir: dir.to_path_buf(),
+            present: DEV_CA_KEY,
+            missing: DEV_CA_CERT,
+        }),
+        (false, false) => {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let now = unix_now();
+            let mut params = CertificateParams::default();
+            params.serial_number = Some(random_serial());
+            params.not_before = asn1_time(now - DEV_BACKDATE_SECS)?.to_datetime();
+            params.not_after = asn1_time(now + DEV_CA_LIFETIME_SECS)?.to_datetime();
+            params.distinguished_name = distinguished_name(common_name, "n-kudo");
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key)?;
+            let cert_pem = cert.pem();
+            let key_pem = key.serialize_pem();
+            write_atomic(&key_path, key_pem.as_bytes(), MODE_KEY)?;
+            write_atomic(&cert_path, cert_pem.as_bytes(), MODE_PUBLIC)?;
+            tracing::info!(cert = %cert_path.display(), "dev agent CA created");
+            // Same path as a restart, so the first start behaves exactly like later ones.
+            Ca::from_pem(
+                cert_pem.as_bytes(),
+                key_pem.as_bytes(),
+                &cert_path,
+                &key_path,
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server certificate
+// ---------------------------------------------------------------------------------------------
+
+struct ServerMaterial {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+/// A name the server certificate must cover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SanName {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+impl fmt::Display for SanName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SanName::Dns(name) => f.write_str(name),
+            SanName::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+fn required_server_names(configured: &[String]) -> Result<Vec<SanName>, PkiError> {
+    let mut names: Vec<SanName> = Vec::new();
+    let all = DEFAULT_SERVER_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(configured.iter().cloned());
+    for raw in all {
+        let trimmed = raw.trim();
+        let bare = trimmed
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .unwrap_or(trimmed);
+        if bare.is_empty() {
+            continue;
+        }
+        let name = match bare.parse::<IpAddr>() {
+            Ok(ip) => SanName::Ip(ip),
+            Err(_) => {
+                let lower = bare.to_ascii_lowercase();
+                if DnsName::try_from(lower.as_str()).is_err() {
+                    return Err(PkiError::InvalidServerName(raw));
+                }
+                SanName::Dns(lower)
+            }
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// The names in a certificate's SAN extension.
+fn certificate_names(cert: &X509Certificate) -> Vec<SanName> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(SanName::Dns(dns.to_ascii_lowercase())),
+            GeneralName::IPAddress(octets) => match octets.len() {
+                4 => <[u8; 4]>::try_from(*octets)
+                    .ok()
+                    .map(|o| SanName::Ip(IpAddr::from(o))),
+                16 => <[u8; 16]>::try_from(*octets)
+                    .ok()
+                    .map(|o| SanName::Ip(IpAddr::from(o))),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn missing_names(cert: &X509Certificate, required: &[SanName]) -> Vec<String> {
+    let present = certificate_names(cert);
+    required
+        .iter()
+        .filter(|name| !present.contains(name))
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn load_server_files(
+    cert_path: &Path,
+    key_path: &Path,
+    names: &[SanName],
+) -> Result<ServerMaterial, PkiError> {
+    let chain = read_cert_chain(cert_path)?;
+    let key = read_private_key(key_path)?;
+    if let Some(leaf) = chain.first() {
+        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) {
+            let left = cert.validity().not_after.timestamp() - unix_now();
+            if left <= 0 {
+                tracing::warn!(cert = %cert_path.display(), "the server certificate has expired");
+            } else if left < SERVER_RENEW_BEFORE_SECS {
+                tracing::warn!(cert = %cert_path.display(), "the server certificate expires within 30 days");
+            }
+            let missing = missing_names(&cert, names);
+            if !missing.is_empty() {
+                tracing::warn!(
+                    cert = %cert_path.display(),
+                    missing = %missing.join(", "),
+                    "the server certificate does not cover every configured server name"
+                );
+            }
+        }
+    }
+    tracing::info!(cert = %cert_path.display(), "server certificate loaded");
+    Ok(ServerMaterial {
+        chain,
+        key,
+        cert_path: cert_path.to_path_buf(),
+        key_path: key_path.to_path_buf(),
+    })
+}
+
+fn load_or_create_dev_server(
+    dir: &Path,
+    ca: &Ca,
+    names: &[SanName],
+) -> Result<ServerMaterial, PkiError> {
+    let cert_path = dir.join(DEV_SERVER_CERT);
+    let key_path = dir.join(DEV_SERVER_KEY);
+    if exists(&cert_path)? && exists(&key_path)? {
+        tighten_key_permissions(&key_path)?;
+        match check_dev_server(&cert_path, &key_path, ca, names)? {
+            Ok(material) => {
+                tracing::info!(cert = %cert_path.display(), "dev server certificate loaded");
+                return Ok(material);
+            }
+            Err(reason) => {
+                tracing::info!(cert = %cert_path.display(), %reason, "re-issuing the dev server certificate");
+            }
+        }
+    }
+    let (cert_pem, key_pem) =
+        generate_server_cert(ca, names, unix_now(), DEV_SERVER_LIFETIME_SECS)?;
+    write_atomic(&key_path, key_pem.as_bytes(), MODE_KEY)?;
+    write_atomic(&cert_path, cert_pem.as_bytes(), MODE_PUBLIC)?;
+    tracing::info!(cert = %cert_path.display(), "dev server certificate created");
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| PkiError::Tls(format!("generated server certificate: {e}")))?];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| PkiError::Tls(format!("generated server key: {e}")))?;
+    Ok(ServerMaterial {
+        chain,
+        key,
+        cert_path,
+        key_path,
+    })
+}
+
+/// Loads the persisted dev server certificate; `Ok(Err(reason))` when it must be re-issued.
+fn check_dev_server(
+    cert_path: &Path,
+    key_path: &Path,
+    ca: &Ca,
+    names: &[SanName],
+) -> Result<Result<ServerMaterial, String>, PkiError> {
+    let cert_pem = read_file(cert_path)?;
+    let key_pem = read_file(key_path)?;
+    let Ok(leaf) = CertificateDer::from_pem_slice(&cert_pem) else {
+        return Ok(Err("no certificate in the file".to_string()));
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return Ok(Err("malformed certificate".to_string()));
+    };
+    if !ca.issued(&cert) {
+        return Ok(Err("not issued by the current agent CA".to_string()));
+    }
+    if cert.validity().not_after.timestamp() - unix_now() < SERVER_RENEW_BEFORE_SECS {
+        return Ok(Err("expires within 30 days".to_string()));
+    }
+    let missing = missing_names(&cert, names);
+    if !missing.is_empty() {
+        return Ok(Err(format!("does not cover {}", missing.join(", "))));
+    }
+    let Ok(key_pair) = load_key_pair(&key_pem) else {
+        return Ok(Err("unusable private key".to_string()));
+    };
+    if key_pair.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+        return Ok(Err("the private key does not match".to_string()));
+    }
+    let Ok(key) = PrivateKeyDer::from_pem_slice(&key_pem) else {
+        return Ok(Err("unusable private key".to_string()));
+    };
+    Ok(Ok(ServerMaterial {
+        chain: vec![leaf.into_owned()],
+        key,
+        cert_path: cert_path.to_path_buf(),
+        key_path: key_path.to_path_buf(),
+    }))
+}
+
+/// Issues an ECDSA P-256 server certificate for `names`, signed by the CA. Returns (cert, key) PEM.
+fn generate_server_cert(
+    ca: &Ca,
+    names: &[SanName],
+    now: i64,
+    lifetime_secs: i64,
+) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.serial_number = Some(random_serial());
+    params.not_before = asn1_time(now - DEV_BACKDATE_SECS)?.to_datetime();
+    params.not_after = asn1_time(now + lifetime_secs)?.to_datetime();
+    params.distinguished_name = distinguished_name("n-kudo control plane", "n-kudo");
+    params.subject_alt_names = names
+        .iter()
+        .map(|name| match name {
+            SanName::Ip(ip) => Ok(SanType::IpAddress(*ip)),
+            SanName::Dns(dns) => Ia5String::try_from(dns.as_str())
+                .map(SanType::DnsName)
+                .map_err(|_| PkiError::InvalidServerName(dns.clone())),
+        })
+        .collect::<Result<_, _>>()?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &ca.issuer, &ca.key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The agent CA, plus the last certificate of the server chain when the server certificate is
+/// not issued by the agent CA.
+fn build_ca_bundle(ca: &Ca, server_chain: &[CertificateDer<'static>]) -> Result<String, PkiError> {
+    let mut bundle = ca.pem.clone();
+    let Some(leaf) = server_chain.first() else {
+        return Err(PkiError::Tls("empty server certificate chain".to_string()));
+    };
+    let issued_by_ca = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map(|(_, cert)| ca.issued(&cert))
+        .unwrap_or(false);
+    if !issued_by_ca {
+        if let Some(anchor) = server_chain.last() {
+            if anchor.as_ref() != ca.der.as_ref() {
+                bundle.push_str(&pem_encode("CERTIFICATE", anchor.as_ref()));
+            }
+        }
+    }
+    Ok(bundle)
+}
+
+fn build_server_config(
+    ca_der: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca_der.clone())
+        .map_err(|e| format!("agent CA as trust anchor: {e}"))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("client certificate verifier: {e}"))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and PEM
+// ---------------------------------------------------------------------------------------------
+
+/// DER AlgorithmIdentifier of rsaEncryption (NULL parameters).
+const ALG_RSA: &[u8] = &[
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+];
+/// DER AlgorithmIdentifier of id-ecPublicKey with prime256v1.
+const ALG_EC_P256: &[u8] = &[
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
+];
+/// DER AlgorithmIdentifier of id-ecPublicKey with secp384r1.
+const ALG_EC_P384: &[u8] = &[
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+    0x00, 0x22,
+];
+
+/// Loads a signing key for rcgen from PEM: PKCS#8 (ECDSA P-256/P-384, Ed25519, RSA), SEC1 EC or
+/// PKCS#1 RSA (the latter two are re-wrapped as PKCS#8, which is what rcgen/ring accept).
+fn load_key_pair(pem: &[u8]) -> Result<KeyPair, String> {
+    let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
+        format!("no unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1) found ({e})")
+    })?;
+    let unsupported = |e: rcgen::Error| format!("unsupported private key: {e}");
+    match &der {
+        PrivateKeyDer::Pkcs8(pkcs8) => KeyPair::try_from(pkcs8).map_err(unsupported),
+        PrivateKeyDer::Pkcs1(pkcs1) => {
+            let wrapped = PrivatePkcs8KeyDer::from(wrap_pkcs8(ALG_RSA, pkcs1.secret_pkcs1_der()));
+            KeyPair::try_from(&wrapped).map_err(unsupported)
+        }
+        PrivateKeyDer::Sec1(sec1) => {
+            let mut last = None;
+            for alg in [ALG_EC_P256, ALG_EC_P384] {
+                let wrapped = PrivatePkcs8KeyDer::from(wrap_pkcs8(alg, sec1.secret_sec1_der()));
+                match KeyPair::try_from(&wrapped) {
+                    Ok(key) => return Ok(key),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(match last {
+                Some(e) => {
+                    format!("unsupported EC private key (P-256 and P-384 are supported): {e}")
+                }
+                None => "unsupported EC private key".to_string(),
+            })
+        }
+        _ => Err("unsupported private key format".to_string()),
+    }
+}
+
+/// PKCS#8 PrivateKeyInfo { version 0, algorithm, privateKey OCTET STRING }.
+fn wrap_pkcs8(algorithm: &[u8], private_key: &[u8]) -> Vec<u8> {
+    let mut body = vec![0x02, 0x01, 0x00];
+    body.extend_from_slice(algorithm);
+    body.extend(der_tlv(0x04, private_key));
+    der_tlv(0x30, &body)
+}
+
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let len = content.len();
+    let mut out = vec![tag];
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn read_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let pem = read_file(path)?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::InvalidFile {
+            path: path.to_path_buf(),
+            reason: format!("malformed PEM: {e}"),
+        })?;
+    if chain.is_empty() {
+        return Err(PkiError::InvalidFile {
+            path: path.to_path_buf(),
+            reason: "no PEM certificate found".to_string(),
+        });
+    }
+    Ok(chain)
+}
+
+fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    let pem = read_file(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| PkiError::InvalidFile {
+        path: path.to_path_buf(),
+        reason: format!("no unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1) found ({e})"),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// "Both or neither" for a cert/key pair of variables.
+fn file_pair<'a>(
+    cert: &'a Option<PathBuf>,
+    key: &'a Option<PathBuf>,
+    cert_var: &'static str,
+    key_var: &'static str,
+) -> Result<Option<(&'a Path, &'a Path)>, PkiError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert.as_path(), key.as_path()))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(PkiError::IncompletePair {
+            set: cert_var,
+            unset: key_var,
+        }),
+        (None, Some(_)) => Err(PkiError::IncompletePair {
+            set: key_var,
+            unset: cert_var,
+        }),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, PkiError> {
+    fs::read(path).map_err(io_err(path))
+}
+
+fn exists(path: &Path) -> Result<bool, PkiError> {
+    path.try_exists().map_err(io_err(path))
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 and forces 0700 on `dir` itself.
+fn ensure_private_dir(dir: &Path) -> Result<(), PkiError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(MODE_DIR);
+    }
+    builder.create(dir).map_err(io_err(dir))?;
+    set_mode(dir, MODE_DIR)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> Result<(), PkiError> {
+    Ok(())
+}
+
+/// Resets a dev key file readable by group or others to 0600.
+fn tighten_key_permissions(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path)
+            .map_err(io_err(path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(key = %path.display(), mode = format!("{:o}", mode & 0o777), "key file was readable by others; resetting to 0600");
+            set_mode(path, MODE_KEY)?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Writes `data` to `path` atomically: temporary file in the same directory, write, fsync,
+/// rename over `path`, fsync the directory.
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let result = (|| -> io::Result<()> {
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode);
+        }
+        let mut file = options.open(&tmp)?;
+        #[cfg(unix)]
+        {
+            // The creation mode is filtered by the umask; make it exact.
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
+        file.write_all(data)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    result.map_err(io_err(path))
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! Agent routes (mTLS): heartbeat and certificate renewal. Request bodies tolerate unknown fields, because
+//! agents in the field (including the earlier Go agent) send more than we read.
+
+use crate::agents::AgentRecord;
+use crate::audit::{self, AuditEvent};
+use crate::auth::{AgentAuth, RequestCtx};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::heartbeat_buffer::{PendingHeartbeat, VmSnapshot};
+use crate::pki::AgentIdentity;
+use crate::state::SharedState;
+use crate::util::{now_ms, random_secret, rfc3339, secret_eq, sha256_hex};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use nkudo_core::api::{ErrorCode, HeartbeatRequest, HeartbeatResponse, MicroVmReport, RenewRequest, RenewResponse};
+use std::time::Instant;
+
+/// Most microVMs one heartbeat may report.
+const MAX_VMS: usize = 1024;
+const MAX_TEXT: usize = 255;
+
+fn check_agent_id(auth: &AgentAuth, body_agent: Option<&str>) -> ApiResult<()> {
+    match body_agent.map(str::trim).filter(|a| !a.is_empty()) {
+        Some(a) if a != auth.agent.id => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::AgentIdMismatch,
+            "agent_id mismatch",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Maps the states agents report (the earlier agent says CREATED/RUNNING/STOPPED) to the stored enum.
+fn normalize_vm_state(s: &str) -> Option<&'static str> {
+    Some(match s.trim().to_ascii_uppercase().as_str() {
+        "RUNNING" => "RUNNING",
+        "STOPPED" | "CREATED" | "SHUTDOWN" => "STOPPED",
+        "CREATING" => "CREATING",
+        "PAUSED" => "PAUSED",
+        "DELETING" => "DELETING",
+        "DELETED" => "DELETED",
+        "ERROR" | "FAILED" => "ERROR",
+        _ => return None,
+    })
+}
+
+fn snapshot(vm: &MicroVmReport) -> ApiResult<Option<VmSnapshot>> {
+    let id = vm.id.trim();
+    if id.is_empty() {
+        return Ok(None); // as the reference does: entries without an id are skipped
+    }
+    if id.len() > 128 || vm.name.len() > MAX_TEXT {
+        return Err(ApiError::validation("microvm id must be at most 128 and name at most 255 characters"));
+    }
+    let raw_state = vm.state.as_deref().or(vm.status.as_deref()).unwrap_or("CREATING");
+    let Some(state) = normalize_vm_state(raw_state) else {
+        tracing::debug!(vm = id, state = raw_state, "ignoring microvm with unknown state");
+        return Ok(None);
+    };
+    let positive = |v: Option<i64>| v.filter(|n| *n > 0);
+    Ok(Some(VmSnapshot {
+        id: id.to_string(),
+        name: if vm.name.trim().is_empty() { id.to_string() } else { vm.name.trim().to_string() },
+        state,
+        vcpu_count: positive(vm.vcpu_count),
+        memory_mib: positive(vm.memory_mib),
+    }))
+}
+
+fn text(v: Option<String>) -> ApiResult<Option<String>> {
+    match v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()) {
+        Some(s) if s.len() > MAX_TEXT => Err(ApiError::validation("a heartbeat text field exceeds 255 characters")),
+        other => Ok(other),
+    }
+}
+
+pub async fn heartbeat(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    JsonBody(hb): JsonBody<HeartbeatRequest>,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let started = Instant::now();
+    check_agent_id(&auth, hb.agent_id.as_deref())?;
+    if hb.microvms.len() > MAX_VMS {
+        return Err(ApiError::validation(format!("at most {MAX_VMS} microvms per heartbeat")));
+    }
+    let facts = hb.host_facts;
+    let kvm_from_facts = facts.as_ref().map(|f| f.kvm.present && f.kvm.readable && f.kvm.writable);
+    let storage_from_facts = facts.as_ref().filter(|f| !f.disks.is_empty()).map(|f| {
+        // Count each filesystem once, even when several mount points share it (reference bug 35).
+        let mut seen = std::collections::HashSet::new();
+        f.disks
+            .iter()
+            .filter(|d| seen.insert((d.total_bytes, d.free_bytes)))
+            .map(|d| d.total_bytes.max(0))
+            .sum::<i64>()
+    });
+    let positive = |v: Option<i64>| v.filter(|n| *n > 0);
+    let microvms = if hb.microvms.is_empty() {
+        None
+    } else {
+        let mut out = Vec::with_capacity(hb.microvms.len());
+        for vm in &hb.microvms {
+            if let Some(s) = snapshot(vm)? {
+                out.push(s);
+            }
+        }
+        Some(out)
+    };
+    let agent_version = text(hb.agent_version)?;
+    let pending = PendingHeartbeat {
+        agent_id: auth.agent.id.clone(),
+        tenant_id: auth.agent.tenant_id.clone(),
+        site_id: auth.agent.site_id.clone(),
+        host_id: auth.agent.host_id.clone(),
+        received_at: now_ms(),
+        seq: hb.heartbeat_seq.filter(|s| *s >= 0),
+        agent_version: agent_version.clone(),
+        os: text(hb.os.or_else(|| facts.as_ref().map(|f| f.os.clone())))?,
+        arch: text(hb.arch.or_else(|| facts.as_ref().map(|f| f.arch.clone())))?,
+        kernel_version: text(hb.kernel_version.or_else(|| facts.as_ref().map(|f| f.kernel.clone())))?,
+        cpu_cores_total: positive(hb.cpu_cores_total.or(facts.as_ref().map(|f| f.cpu_cores))),
+        memory_bytes_total: positive(hb.memory_bytes_total.or(facts.as_ref().map(|f| f.memory_total_bytes))),
+        storage_bytes_total: positive(hb.storage_bytes_total.or(storage_from_facts)),
+        kvm_available: hb.kvm_available.or(kvm_from_facts),
+        // Never assumed from KVM (reference bug 4): only what the agent says it found.
+        cloud_hypervisor_available: hb
+            .cloud_hypervisor_available
+            .or(facts.as_ref().and_then(|f| f.cloud_hypervisor_available)),
+        host_facts: facts,
+        netbird: hb.netbird_status,
+        microvms,
+    };
+    state.heartbeats.push(pending);
+
+    // An agent that does not say its version keeps the one it enrolled (or last heartbeated) with.
+    let supported = match &agent_version {
+        Some(v) => nkudo_core::version::is_agent_version_supported(&state.version, v),
+        None => true,
+    };
+    state
+        .metrics
+        .heartbeats
+        .with_label_values(&[if supported { "true" } else { "false" }])
+        .inc();
+    if !supported {
+        state.metrics.unsupported_agent_heartbeats.inc();
+    }
+    let ttl_ms = state.cfg.agent_cert_ttl.as_millis() as i64;
+    let rotate = auth.peer.not_after_ms - now_ms() < ttl_ms / 3;
+    state.metrics.heartbeat_ingest.observe(started.elapsed().as_secs_f64());
+    Ok(Json(HeartbeatResponse {
+        next_heartbeat_seconds: state.cfg.heartbeat_interval_secs(),
+        pending_plans: Vec::new(),
+        control_plane_version: state.version.to_string(),
+        minimum_supported_agent_version: state.min_agent_version.clone(),
+        agent_version_supported: supported,
+        rotate_certificate: rotate,
+        certificate_expires_at: rfc3339(auth.peer.not_after_ms),
+    }))
+}
+
+pub async fn renew(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    ctx: RequestCtx,
+    JsonBody(req): JsonBody<RenewRequest>,
+) -> ApiResult<Json<RenewResponse>> {
+    check_agent_id(&auth, req.agent_id.as_deref())?;
+    if req.csr_pem.trim().is_empty() {
+        return Err(ApiError::validation("csr_pem is required"));
+    }
+    let agent = auth.agent.clone();
+    if let Some(token) = req.refresh_token.as_deref().filter(|t| !t.is_empty()) {
+        let stored: Option<String> = sqlx::query_scalar("SELECT refresh_token_hash FROM agents WHERE id = $1")
+            .bind(&agent.id)
+            .fetch_optional(&state.db.pool)
+            .await?;
+        if !stored.is_some_and(|h| secret_eq(&h, &sha256_hex(token.as_bytes()))) {
+            return Err(ApiError::unauthorized(ErrorCode::InvalidRefreshToken, "invalid refresh token"));
+        }
+    }
+    let pki_state = state.clone();
+    let a = agent.clone();
+    let csr = req.csr_pem.clone();
+    let ttl = state.cfg.agent_cert_ttl;
+    let issued = tokio::task::spawn_blocking(move || {
+        pki_state.pki.sign_agent_csr(
+            &csr,
+            &AgentIdentity {
+                tenant_id: &a.tenant_id,
+                site_id: &a.site_id,
+                agent_id: &a.id,
+            },
+            ttl,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal("signing certificate", e))?
+    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidCsr, format!("invalid csr: {e}")))?;
+    let refresh_token = random_secret();
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    // Only the certificate that authenticated this request may be replaced (no lost update between two renewals).
+    let updated = sqlx::query(
+        "UPDATE agents SET cert_serial = $1, cert_expires_at = $2, refresh_token_hash = $3, auth_changed_at = $4, \
+         updated_at = $4 WHERE id = $5 AND cert_serial = $6 AND revoked_at IS NULL",
+    )
+    .bind(&issued.serial_hex)
+    .bind(issued.not_after_ms)
+    .bind(sha256_hex(refresh_token.as_bytes()))
+    .bind(now)
+    .bind(&agent.id)
+    .bind(&auth.peer.serial_hex)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(ApiError::unauthorized(
+            ErrorCode::CertificateSerialMismatch,
+            "certificate was renewed or revoked meanwhile",
+        ));
+    }
+    let ev = AuditEvent::new(&agent.tenant_id, "agent.certificate_renew", "agent", &agent.id)
+        .actor("AGENT", Some(&agent.id))
+        .site(&agent.site_id)
+        .request(&ctx)
+        .metadata(serde_json::json!({ "old_serial": auth.peer.serial_hex, "new_serial": issued.serial_hex }));
+    audit::record(&mut tx, &ev).await?;
+    tx.commit().await?;
+    state.agents.put(AgentRecord {
+        cert_serial: issued.serial_hex.clone(),
+        ..(*agent).clone()
+    });
+    Ok(Json(RenewResponse {
+        client_certificate_pem: issued.cert_pem,
+        ca_certificate_pem: state.pki.ca_bundle_pem().to_string(),
+        expires_at: rfc3339(issued.not_after_ms),
+        refresh_token,
+    }))
+}

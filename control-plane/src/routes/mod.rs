@@ -1,0 +1,84 @@
+//! The HTTP API: one router, handlers as plain async fns over the shared state, grouped by who calls them.
+
+mod admin;
+mod agent;
+mod enroll;
+mod health;
+mod tenant;
+
+use crate::error::ApiError;
+use crate::extract::MAX_BODY_BYTES;
+use crate::state::SharedState;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use nkudo_core::api::ErrorCode;
+use std::time::Instant;
+
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        // admin
+        .route("/tenants", post(admin::create_tenant).get(admin::list_tenants))
+        .route("/tenants/{tenant_id}/api-keys", post(admin::create_api_key))
+        // tenant
+        .route("/tenants/{tenant_id}/sites", post(tenant::create_site).get(tenant::list_sites))
+        .route("/tenants/{tenant_id}/enrollment-tokens", post(tenant::create_enrollment_token))
+        .route("/tenants/{tenant_id}/agents", get(tenant::list_agents))
+        .route("/tenants/{tenant_id}/agents/{agent_id}/revoke", post(tenant::revoke_agent))
+        .route("/sites/{site_id}/hosts", get(tenant::list_hosts))
+        // enrollment (token) and agents (mTLS)
+        .route("/enroll", post(enroll::enroll))
+        .route("/v1/enroll", post(enroll::enroll))
+        .route("/agents/heartbeat", post(agent::heartbeat))
+        .route("/v1/heartbeat", post(agent::heartbeat))
+        .route("/v1/renew", post(agent::renew))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "route not found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal error").into_response()
+}
+
+/// Counts every request by route template (never the raw path, which holds ids), method and status.
+async fn track(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().as_str().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    m.http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), resp.status().as_str()])
+        .inc();
+    m.http_request_duration
+        .with_label_values(&[route.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}

@@ -1,0 +1,26 @@
+//! The one shared state every handler receives.
+
+use crate::agents::AgentCache;
+use crate::config::Config;
+use crate::db::Db;
+use crate::heartbeat_buffer::HeartbeatBuffer;
+use crate::metrics::Metrics;
+use crate::pki::Pki;
+use crate::ratelimit::RateLimiter;
+use std::sync::Arc;
+
+pub type SharedState = Arc<AppState>;
+
+pub struct AppState {
+    pub cfg: Config,
+    pub db: Db,
+    pub pki: Pki,
+    pub admin_key: String,
+    pub metrics: Metrics,
+    pub agents: AgentCache,
+    pub heartbeats: HeartbeatBuffer,
+    pub enroll_limiter: RateLimiter,
+    /// This control plane's version, and the oldest agent version it supports (N/N-1).
+    pub version: semver::Version,
+    pub min_agent_version: String,
+}

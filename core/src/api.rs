@@ -1,0 +1,623 @@
+//! Wire types of the control plane's HTTP API.
+//!
+//! Field names follow the earlier Go implementation (see `shared/reference/nkudo-mvp1-api.md`). Request types
+//! of admin and tenant routes refuse unknown fields (`deny_unknown_fields`); request types of agent routes
+//! (enroll, heartbeat, renew, logs) tolerate them, because agents in the field send more than we read.
+//! Timestamps are RFC 3339 strings in UTC.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Every error answer: `{"error":"<message>","code":"<CODE>"}`. `error` stays a plain string for old clients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
+/// Machine-readable error codes carried in [`ErrorBody::code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The body is not valid JSON, not one JSON value, or has fields of the wrong type.
+    InvalidJson,
+    /// A field is missing, empty, unknown or out of range.
+    ValidationFailed,
+    /// A path id is not a valid id.
+    InvalidId,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    InvalidAdminKey,
+    MissingApiKey,
+    InvalidApiKey,
+    MissingClientCertificate,
+    InvalidClientCertificate,
+    UnknownAgent,
+    CertificateSerialMismatch,
+    AgentRevoked,
+    AgentIdMismatch,
+    /// The enrollment token is not known.
+    InvalidToken,
+    /// The enrollment token was used already (tokens are one-time).
+    AlreadyUsed,
+    TokenExpired,
+    InvalidCsr,
+    InvalidRefreshToken,
+    Conflict,
+    RateLimited,
+    AgentVersionUnsupported,
+    Internal,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::ValidationFailed,
+        ErrorCode::InvalidId,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InvalidAdminKey,
+        ErrorCode::MissingApiKey,
+        ErrorCode::InvalidApiKey,
+        ErrorCode::MissingClientCertificate,
+        ErrorCode::InvalidClientCertificate,
+        ErrorCode::UnknownAgent,
+        ErrorCode::CertificateSerialMismatch,
+        ErrorCode::AgentRevoked,
+        ErrorCode::AgentIdMismatch,
+        ErrorCode::InvalidToken,
+        ErrorCode::AlreadyUsed,
+        ErrorCode::TokenExpired,
+        ErrorCode::InvalidCsr,
+        ErrorCode::InvalidRefreshToken,
+        ErrorCode::Conflict,
+        ErrorCode::RateLimited,
+        ErrorCode::AgentVersionUnsupported,
+        ErrorCode::Internal,
+        ErrorCode::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "INVALID_JSON",
+            ErrorCode::ValidationFailed => "VALIDATION_FAILED",
+            ErrorCode::InvalidId => "INVALID_ID",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::InvalidAdminKey => "INVALID_ADMIN_KEY",
+            ErrorCode::MissingApiKey => "MISSING_API_KEY",
+            ErrorCode::InvalidApiKey => "INVALID_API_KEY",
+            ErrorCode::MissingClientCertificate => "MISSING_CLIENT_CERTIFICATE",
+            ErrorCode::InvalidClientCertificate => "INVALID_CLIENT_CERTIFICATE",
+            ErrorCode::UnknownAgent => "UNKNOWN_AGENT",
+            ErrorCode::CertificateSerialMismatch => "CERTIFICATE_SERIAL_MISMATCH",
+            ErrorCode::AgentRevoked => "AGENT_REVOKED",
+            ErrorCode::AgentIdMismatch => "AGENT_ID_MISMATCH",
+            ErrorCode::InvalidToken => "INVALID_TOKEN",
+            ErrorCode::AlreadyUsed => "ALREADY_USED",
+            ErrorCode::TokenExpired => "TOKEN_EXPIRED",
+            ErrorCode::InvalidCsr => "INVALID_CSR",
+            ErrorCode::InvalidRefreshToken => "INVALID_REFRESH_TOKEN",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::AgentVersionUnsupported => "AGENT_VERSION_UNSUPPORTED",
+            ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Admin routes
+
+/// `POST /tenants` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenantRequest {
+    pub slug: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_retention_days: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tenant {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub primary_region: String,
+    pub data_retention_days: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantsResponse {
+    pub tenants: Vec<Tenant>,
+}
+
+/// `POST /tenants/{tenantID}/api-keys` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyCreated {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    /// Plaintext key (`nk_…`), shown once.
+    pub api_key: String,
+    pub expires_at: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tenant routes (X-API-Key)
+
+/// `POST /tenants/{tenantID}/sites`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSiteRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location_country_code: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Site {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location_country_code: Option<String>,
+    pub connectivity_state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_at: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SitesResponse {
+    pub sites: Vec<Site>,
+}
+
+/// `POST /tenants/{tenantID}/enrollment-tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollmentTokenRequest {
+    pub site_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentTokenCreated {
+    pub token_id: String,
+    pub site_id: String,
+    /// Plaintext token, shown once.
+    pub token: String,
+    pub expires_at: String,
+    pub one_time: bool,
+}
+
+/// A host as `GET /sites/{siteID}/hosts` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Host {
+    pub id: String,
+    pub tenant_id: String,
+    pub site_id: String,
+    pub hostname: String,
+    pub cpu_cores_total: i64,
+    pub memory_bytes_total: i64,
+    pub storage_bytes_total: i64,
+    pub kvm_available: bool,
+    pub cloud_hypervisor_available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_facts_at: Option<String>,
+    pub agent_state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_last_heartbeat_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netbird_status: Option<NetbirdStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostsResponse {
+    pub hosts: Vec<Host>,
+}
+
+/// An enrolled agent as `GET /tenants/{tenantID}/agents` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Agent {
+    pub id: String,
+    pub tenant_id: String,
+    pub site_id: String,
+    pub host_id: String,
+    pub hostname: String,
+    pub agent_version: String,
+    pub agent_version_supported: bool,
+    pub state: String,
+    pub enrolled_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_at: Option<String>,
+    pub cert_serial: String,
+    pub cert_expires_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentsResponse {
+    pub agents: Vec<Agent>,
+}
+
+/// `POST /tenants/{tenantID}/agents/{agentID}/revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeAgentRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Agent routes
+
+/// Hashes of stable host identifiers that the earlier agent sends at enrollment.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct HostFingerprint {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_mac_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bios_uuid_sha256: Option<String>,
+}
+
+/// `POST /enroll` and `POST /v1/enroll` (no auth; the one-time token authenticates). Unknown fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct EnrollRequest {
+    #[serde(default)]
+    pub enrollment_token: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub requested_hostname: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub arch: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kernel_version: String,
+    #[serde(default)]
+    pub csr_pem: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_fingerprint: Option<HostFingerprint>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bootstrap_nonce: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub tenant_id: String,
+    pub site_id: String,
+    pub host_id: String,
+    pub agent_id: String,
+    pub client_certificate_pem: String,
+    /// The CA bundle the agent trusts: it signs agent certificates and the server certificate.
+    pub ca_certificate_pem: String,
+    pub refresh_token: String,
+    pub heartbeat_endpoint: String,
+    pub heartbeat_interval_sec: i64,
+    pub heartbeat_interval_seconds: i64,
+    pub certificate_expires_at: String,
+    pub minimum_supported_agent_version: String,
+}
+
+/// `POST /v1/renew` (mTLS): a fresh certificate for a new CSR. Unknown fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RenewRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub csr_pem: String,
+    /// Optional for agents that hold one; checked when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewResponse {
+    pub client_certificate_pem: String,
+    pub ca_certificate_pem: String,
+    pub expires_at: String,
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct DiskFacts {
+    #[serde(default)]
+    pub mountpoint: String,
+    #[serde(default)]
+    pub total_bytes: i64,
+    #[serde(default)]
+    pub free_bytes: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct KvmFacts {
+    #[serde(default)]
+    pub present: bool,
+    #[serde(default)]
+    pub readable: bool,
+    #[serde(default)]
+    pub writable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct InterfaceFacts {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub mac: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub is_bridge: bool,
+}
+
+/// Host facts as the agent collects them (`nkudo-edge hostfacts`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct HostFacts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected_at: Option<String>,
+    #[serde(default)]
+    pub cpu_cores: i64,
+    #[serde(default)]
+    pub memory_total_bytes: i64,
+    #[serde(default)]
+    pub memory_free_bytes: i64,
+    #[serde(default)]
+    pub disks: Vec<DiskFacts>,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub os_version: String,
+    #[serde(default)]
+    pub kernel: String,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub kvm: KvmFacts,
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceFacts>,
+    #[serde(default)]
+    pub bridges: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_hypervisor_available: Option<bool>,
+}
+
+/// NetBird status as the agent reports it. `raw` (the CLI's output) is accepted and not stored.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct NetbirdStatus {
+    #[serde(default)]
+    pub connected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_id: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub raw: Option<serde_json::Value>,
+}
+
+/// A microVM as the agent reports it. `state` is preferred over `status` (the earlier agent sends `status`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct MicroVmReport {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_iface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ch_pid: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// An execution state change carried in a heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ExecutionUpdate {
+    #[serde(default)]
+    pub execution_id: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// `POST /agents/heartbeat` and `POST /v1/heartbeat` (mTLS). Every field is optional; unknown fields
+/// (and `tenant_id`, `site_id`, `host_id`, which the certificate decides) are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HeartbeatRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_seq: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cores_total: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes_total: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes_total: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_available: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_hypervisor_available: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_facts: Option<HostFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netbird_status: Option<NetbirdStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub microvms: Vec<MicroVmReport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub execution_updates: Vec<ExecutionUpdate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+}
+
+/// One action of a leased plan, as the agent executes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeasedAction {
+    pub action_id: String,
+    #[serde(rename = "type")]
+    pub action_type: String,
+    pub params: serde_json::Value,
+    pub timeout: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_id: Option<String>,
+}
+
+/// A plan handed to an agent under a lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeasedPlan {
+    pub plan_id: String,
+    pub execution_id: String,
+    pub actions: Vec<LeasedAction>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub next_heartbeat_seconds: i64,
+    pub pending_plans: Vec<LeasedPlan>,
+    pub control_plane_version: String,
+    /// Computed by the N/N-1 rule of [`crate::version`].
+    pub minimum_supported_agent_version: String,
+    /// Whether this agent's reported version is within N/N-1 of the control plane.
+    pub agent_version_supported: bool,
+    /// True when the agent's certificate is past two thirds of its life: renew with `POST /v1/renew`.
+    pub rotate_certificate: bool,
+    pub certificate_expires_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub status: String,
+    pub time: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_unique_upper_snake() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            let s = c.as_str();
+            assert!(seen.insert(s), "duplicate code {s}");
+            assert!(s.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_'), "{s}");
+        }
+    }
+
+    #[test]
+    fn enroll_request_accepts_what_the_earlier_agent_sends() {
+        // The exact key set of the Go agent (reference §2), including host_fingerprint and bootstrap_nonce.
+        let body = r#"{"enrollment_token":"t","agent_version":"dev","requested_hostname":"edge-1",
+            "csr_pem":"-----BEGIN CERTIFICATE REQUEST-----","labels":{"arch":"amd64","os":"debian"},
+            "host_fingerprint":{"machine_id_sha256":"ab","primary_mac_sha256":"cd"},
+            "bootstrap_nonce":"1700000000000000000","something_new":1}"#;
+        let req: EnrollRequest = serde_json::from_str(body).unwrap();
+        assert_eq!(req.requested_hostname, "edge-1");
+        assert_eq!(req.host_fingerprint.unwrap().machine_id_sha256.as_deref(), Some("ab"));
+    }
+
+    #[test]
+    fn heartbeat_accepts_the_earlier_agent_body() {
+        let body = r#"{"tenant_id":"t","site_id":"s","host_id":"h","agent_id":"a","sent_at":"2026-01-01T00:00:00Z",
+          "host_facts":{"collected_at":"x","cpu_cores":4,"memory_total_bytes":100,"memory_free_bytes":50,
+             "disks":[{"mountpoint":"/","total_bytes":10,"free_bytes":5}],"os":"debian","os_version":"12",
+             "kernel":"6.1","arch":"amd64","kvm":{"present":true,"readable":true,"writable":false,"check_message":"x"},
+             "interfaces":[{"name":"eth0","mac":"aa","addresses":["10.0.0.1/24"],"is_bridge":false}],"bridges":[]},
+          "netbird_status":{"connected":true,"state":"Connected","raw":"..."},
+          "microvms":[{"id":"vm-demo-001","name":"demo","kernel_path":"","rootfs_path":"/x","tap_iface":"tap0",
+             "ch_pid":12,"status":"RUNNING","updated_at":"2026-01-01T00:00:00Z"}]}"#;
+        let hb: HeartbeatRequest = serde_json::from_str(body).unwrap();
+        assert_eq!(hb.microvms[0].status.as_deref(), Some("RUNNING"));
+        assert_eq!(hb.host_facts.unwrap().cpu_cores, 4);
+    }
+
+    #[test]
+    fn admin_requests_refuse_unknown_fields() {
+        let err = serde_json::from_str::<CreateTenantRequest>(r#"{"slug":"a","name":"b","x":1}"#);
+        assert!(err.is_err());
+    }
+}

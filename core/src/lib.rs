@@ -1,0 +1,10 @@
+//! nkudo-core: the contracts every n-kudo component shares.
+//!
+//! * [`api`]: the wire types of the control plane's HTTP API and its error codes. The routes and field names
+//!   stay compatible with the earlier Go implementation so that agents already in the field keep working.
+//! * [`version`]: the SemVer policy: channels, the pre-release format and the N/N-1 agent compatibility rule.
+//!
+//! This crate has no runtime dependencies (no tokio, no HTTP, no SQL) so that every binary can use it.
+
+pub mod api;
+pub mod version;
