@@ -17,10 +17,12 @@ pub struct AgentRecord {
     pub host_id: String,
     pub cert_serial: String,
     pub revoked: bool,
+    /// The version the agent last reported (at enrollment or in a heartbeat).
+    pub agent_version: String,
 }
 
 const SELECT: &str =
-    "SELECT id, tenant_id, site_id, host_id, cert_serial, revoked_at, auth_changed_at FROM agents";
+    "SELECT id, tenant_id, site_id, host_id, cert_serial, revoked_at, auth_changed_at, agent_version FROM agents";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<(AgentRecord, i64), sqlx::Error> {
     let revoked_at: Option<i64> = r.try_get(5)?;
@@ -32,6 +34,7 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<(AgentRecord, i64), sqlx::Error> {
             host_id: r.try_get(3)?,
             cert_serial: r.try_get(4)?,
             revoked: revoked_at.is_some(),
+            agent_version: r.try_get(7)?,
         },
         r.try_get(6)?,
     ))

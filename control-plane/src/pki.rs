@@ -1291,3 +1291,1050 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::process::Command;
+
+    use rustls::ClientConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+    const ID: AgentIdentity<'static> = AgentIdentity {
+        tenant_id: "7d9f1c3e-0000-4000-8000-000000000001",
+        site_id: "7d9f1c3e-0000-4000-8000-000000000002",
+        agent_id: "7d9f1c3e-0000-4000-8000-000000000003",
+    };
+
+    /// A temporary directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "nkudo-pki-{tag}-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            fs::create_dir_all(&path).expect("create temp dir");
+            TempDir(path)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dev_config(data_dir: &Path) -> PkiConfig {
+        PkiConfig {
+            data_dir: data_dir.to_path_buf(),
+            ca_cert_file: None,
+            ca_key_file: None,
+            server_cert_file: None,
+            server_key_file: None,
+            require_persistent: false,
+            ca_common_name: "n-kudo-agent-ca".to_string(),
+            server_names: vec!["cp.example.com".to_string(), "10.1.2.3".to_string()],
+        }
+    }
+
+    fn parse(der: &[u8]) -> X509Certificate<'_> {
+        x509_parser::parse_x509_certificate(der)
+            .expect("parse certificate")
+            .1
+    }
+
+    fn first_cert_der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM certificate")
+    }
+
+    fn rcgen_csr(alg: &'static SignatureAlgorithm) -> (String, KeyPair) {
+        let key = KeyPair::generate_for(alg).expect("key");
+        let mut params =
+            CertificateParams::new(vec!["evil.example".to_string()]).expect("CSR params");
+        params.distinguished_name = distinguished_name("admin", "evil corp");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr = params.serialize_request(&key).expect("CSR");
+        (csr.pem().expect("CSR PEM"), key)
+    }
+
+    /// Runs openssl; `None` (with a loud message) when it is not installed, unless CI=true.
+    fn openssl(args: &[&str]) -> Option<()> {
+        match Command::new("openssl").args(args).output() {
+            Ok(out) => {
+                assert!(
+                    out.status.success(),
+                    "openssl {args:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Some(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                assert_ne!(
+                    std::env::var("CI").as_deref(),
+                    Ok("true"),
+                    "openssl is required in CI"
+                );
+                eprintln!("!!!!! SKIPPED: openssl is not installed; the openssl-based test did not run !!!!!");
+                None
+            }
+            Err(e) => panic!("running openssl: {e}"),
+        }
+    }
+
+    fn read_string(path: &Path) -> String {
+        fs::read_to_string(path).expect("read file")
+    }
+
+    /// Checks an issued agent certificate: identity, extensions, serial, validity, issuer.
+    fn assert_agent_cert(pki: &Pki, issued: &IssuedCert, key_encipherment: bool) {
+        let der = first_cert_der(&issued.cert_pem);
+        let cert = parse(der.as_ref());
+        let cn: Vec<_> = cert
+            .subject()
+            .iter_common_name()
+            .map(|a| a.as_str().expect("CN"))
+            .collect();
+        assert_eq!(cn, vec![ID.agent_id]);
+        let o: Vec<_> = cert
+            .subject()
+            .iter_organization()
+            .map(|a| a.as_str().expect("O"))
+            .collect();
+        assert_eq!(o, vec!["n-kudo-agent"]);
+        let san = cert
+            .subject_alternative_name()
+            .expect("SAN")
+            .expect("SAN present");
+        let uri = format!(
+            "spiffe://nkudo/tenant/{}/site/{}/agent/{}",
+            ID.tenant_id, ID.site_id, ID.agent_id
+        );
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::URI(uri.as_str())],
+            "only the SPIFFE URI, nothing from the CSR"
+        );
+        let eku = cert
+            .extended_key_usage()
+            .expect("EKU")
+            .expect("EKU present");
+        assert!(eku.value.client_auth);
+        assert!(!eku.value.server_auth, "the CSR's EKU must be ignored");
+        let ku = cert.key_usage().expect("KU").expect("KU present");
+        assert!(ku.value.digital_signature());
+        assert_eq!(ku.value.key_encipherment(), key_encipherment);
+        assert!(!cert.is_ca());
+
+        // Serial: 16 bytes, positive, first byte 0x01..=0x7f, same form everywhere.
+        let raw = cert.raw_serial();
+        assert_eq!(raw.len(), 16);
+        assert!(raw[0] >= 1 && raw[0] < 0x80);
+        assert_eq!(issued.serial_hex, hex::encode(raw));
+        let peer = peer_identity(der.as_ref()).expect("peer identity");
+        assert_eq!(peer.agent_id, ID.agent_id);
+        assert_eq!(peer.serial_hex, issued.serial_hex);
+        assert_eq!(peer.not_after_ms, issued.not_after_ms);
+
+        // Validity: now - 1 min .. now + TTL.
+        let now = unix_now();
+        let nb = cert.validity().not_before.timestamp();
+        let na = cert.validity().not_after.timestamp();
+        assert!(
+            (now - 60 - 5..=now - 60 + 5).contains(&nb),
+            "not_before {nb} now {now}"
+        );
+        let want = now + TTL.as_secs() as i64;
+        assert!(
+            (want - 5..=want + 5).contains(&na),
+            "not_after {na} want {want}"
+        );
+        assert_eq!(issued.not_after_ms, na * 1000);
+
+        // Signed by the agent CA.
+        assert!(
+            pki.ca.issued(&cert),
+            "agent certificate must be issued by the CA"
+        );
+    }
+
+    fn client_config(
+        pki_bundle_pem: &str,
+        client: Option<(&IssuedCert, &KeyPair)>,
+    ) -> Arc<ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pki_bundle_pem.as_bytes()) {
+            roots.add(cert.expect("bundle PEM")).expect("trust anchor");
+        }
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots);
+        let mut config = match client {
+            Some((issued, key)) => builder
+                .with_client_auth_cert(
+                    vec![first_cert_der(&issued.cert_pem)],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )
+                .expect("client cert"),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
+    /// A full TLS handshake plus one round trip over an in-memory pipe. Returns the identity
+    /// the server saw, or the errors of both sides.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<Option<PeerIdentity>, String> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| e.to_string())?;
+        let server_side = async move {
+            let mut tls = TlsAcceptor::from(server)
+                .accept(server_io)
+                .await
+                .map_err(|e| format!("server handshake: {e}"))?;
+            let conn = tls.get_ref().1;
+            assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+            let peer = conn
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| peer_identity(cert.as_ref()));
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("server read: {e}"))?;
+            tls.write_all(&buf)
+                .await
+                .map_err(|e| format!("server write: {e}"))?;
+            tls.shutdown()
+                .await
+                .map_err(|e| format!("server shutdown: {e}"))?;
+            Ok::<_, String>(peer)
+        };
+        let client_side = async move {
+            let mut tls = TlsConnector::from(client)
+                .connect(name, client_io)
+                .await
+                .map_err(|e| format!("client handshake: {e}"))?;
+            tls.write_all(b"ping")
+                .await
+                .map_err(|e| format!("client write: {e}"))?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("client read: {e}"))?;
+            if &buf != b"ping" {
+                return Err("echo mismatch".to_string());
+            }
+            Ok::<_, String>(())
+        };
+        let (server_result, client_result) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(server_side, client_side)
+        })
+        .await
+        .map_err(|_| "handshake timed out".to_string())?;
+        match (server_result, client_result) {
+            (Ok(peer), Ok(())) => Ok(peer),
+            (s, c) => Err(format!("server: {:?}; client: {:?}", s.err(), c.err())),
+        }
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn pki_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Pki>();
+    }
+
+    #[test]
+    fn dev_pki_is_persisted_and_reloaded_with_the_same_ca() {
+        let tmp = TempDir::new("reload");
+        let cfg = dev_config(tmp.path());
+        let first = Pki::load_or_create(&cfg).expect("create dev PKI");
+        let dir = tmp.path().join("pki");
+        for file in [
+            "ca.crt",
+            "ca.key",
+            "server.crt",
+            "server.key",
+            "ca-bundle.pem",
+        ] {
+            assert!(dir.join(file).is_file(), "{file} missing");
+        }
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&dir), 0o700);
+            assert_eq!(mode(&dir.join("ca.key")), 0o600);
+            assert_eq!(mode(&dir.join("server.key")), 0o600);
+            assert_eq!(mode(&dir.join("ca.crt")), 0o644);
+        }
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .expect("read dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left behind");
+        assert_eq!(first.ca_bundle_path(), dir.join("ca-bundle.pem"));
+        assert_eq!(read_string(first.ca_bundle_path()), first.ca_bundle_pem());
+        // The server certificate is issued by the CA, so the bundle is the CA alone.
+        assert_eq!(first.ca_bundle_pem(), read_string(&dir.join("ca.crt")));
+        assert_eq!(
+            CertificateDer::pem_slice_iter(first.ca_bundle_pem().as_bytes()).count(),
+            1
+        );
+
+        let ca_before = read_string(&dir.join("ca.crt"));
+        let ca_key_before = read_string(&dir.join("ca.key"));
+        let server_before = read_string(&dir.join("server.crt"));
+        let (csr, _) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let issued = first.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        drop(first);
+
+        let second = Pki::load_or_create(&cfg).expect("reload dev PKI");
+        assert_eq!(
+            read_string(&dir.join("ca.crt")),
+            ca_before,
+            "CA regenerated"
+        );
+        assert_eq!(
+            read_string(&dir.join("ca.key")),
+            ca_key_before,
+            "CA key regenerated"
+        );
+        assert_eq!(
+            read_string(&dir.join("server.crt")),
+            server_before,
+            "server certificate needlessly re-issued"
+        );
+        assert_eq!(second.ca_bundle_pem(), ca_before);
+        // A certificate issued before the restart still chains to the reloaded CA.
+        assert!(second
+            .ca
+            .issued(&parse(first_cert_der(&issued.cert_pem).as_ref())));
+    }
+
+    #[test]
+    fn dev_ca_and_server_certificate_have_the_required_shape() {
+        let tmp = TempDir::new("shape");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let dir = tmp.path().join("pki");
+
+        let ca_der = first_cert_der(&read_string(&dir.join("ca.crt")));
+        let ca = parse(ca_der.as_ref());
+        assert!(ca.is_ca());
+        let cn: Vec<_> = ca
+            .subject()
+            .iter_common_name()
+            .map(|a| a.as_str().expect("CN"))
+            .collect();
+        assert_eq!(cn, vec!["n-kudo-agent-ca"]);
+        let o: Vec<_> = ca
+            .subject()
+            .iter_organization()
+            .map(|a| a.as_str().expect("O"))
+            .collect();
+        assert_eq!(o, vec!["n-kudo"]);
+        let ku = ca.key_usage().expect("KU").expect("KU present");
+        assert!(ku.value.key_cert_sign() && ku.value.crl_sign());
+        assert_eq!(
+            ca.public_key().algorithm.algorithm,
+            OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        let ca_life = ca.validity().not_after.timestamp() - unix_now();
+        assert!(ca_life > 3649 * DAY_SECS && ca_life <= 3650 * DAY_SECS);
+        ca.verify_signature(None).expect("CA is self-signed");
+
+        let server_der = first_cert_der(&read_string(&dir.join("server.crt")));
+        let server = parse(server_der.as_ref());
+        server
+            .verify_signature(Some(ca.public_key()))
+            .expect("server certificate signed by the CA");
+        assert_eq!(server.issuer().as_raw(), ca.subject().as_raw());
+        assert!(!server.is_ca());
+        let eku = server
+            .extended_key_usage()
+            .expect("EKU")
+            .expect("EKU present");
+        assert!(eku.value.server_auth);
+        let names = certificate_names(&server);
+        for want in [
+            SanName::Dns("localhost".into()),
+            SanName::Dns("cp.example.com".into()),
+            SanName::Ip("127.0.0.1".parse().expect("ip")),
+            SanName::Ip("::1".parse().expect("ip")),
+            SanName::Ip("10.1.2.3".parse().expect("ip")),
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        let life = server.validity().not_after.timestamp() - unix_now();
+        assert!(life > 364 * DAY_SECS && life <= 365 * DAY_SECS);
+        // The Pki's own view agrees.
+        assert!(pki.ca.issued(&server));
+    }
+
+    #[test]
+    fn dev_server_certificate_is_reissued_by_the_same_ca_when_stale() {
+        let tmp = TempDir::new("reissue");
+        let dir = tmp.path().join("pki");
+        let mut cfg = dev_config(tmp.path());
+        let pki = Pki::load_or_create(&cfg).expect("create");
+        let ca_pem = read_string(&dir.join("ca.crt"));
+        let server_1 = read_string(&dir.join("server.crt"));
+
+        // A new server name: re-issued, same CA.
+        cfg.server_names.push("new.example.com".to_string());
+        let _ = Pki::load_or_create(&cfg).expect("reload with a new name");
+        let server_2 = read_string(&dir.join("server.crt"));
+        assert_ne!(server_1, server_2);
+        assert_eq!(read_string(&dir.join("ca.crt")), ca_pem);
+        let der = first_cert_der(&server_2);
+
+        let cert = parse(der.as_ref());
+        assert!(certificate_names(&cert).contains(&SanName::Dns("new.example.com".into())));
+
+        // Expiring within 30 days: re-issued.
+        let names = required_server_names(&cfg.server_names).expect("names");
+        let (short_pem, short_key) =
+            generate_server_cert(&pki.ca, &names, unix_now(), 10 * DAY_SECS).expect("short cert");
+        fs::write(dir.join("server.crt"), &short_pem).expect("write");
+        fs::write(dir.join("server.key"), &short_key).expect("write");
+        let _ = Pki::load_or_create(&cfg).expect("reload with an expiring cert");
+        let server_3 = read_string(&dir.join("server.crt"));
+        assert_ne!(server_3, short_pem, "expiring server certificate was kept");
+        let der = first_cert_der(&server_3);
+
+        let cert = parse(der.as_ref());
+        assert!(cert.validity().not_after.timestamp() - unix_now() > 300 * DAY_SECS);
+        assert_eq!(read_string(&dir.join("ca.crt")), ca_pem);
+
+        // Unchanged configuration: kept.
+        let _ = Pki::load_or_create(&cfg).expect("reload");
+        assert_eq!(read_string(&dir.join("server.crt")), server_3);
+    }
+
+    #[test]
+    fn dev_ca_with_a_missing_key_is_an_error_not_a_new_ca() {
+        let tmp = TempDir::new("incomplete");
+        let cfg = dev_config(tmp.path());
+        let _ = Pki::load_or_create(&cfg).expect("create");
+        fs::remove_file(tmp.path().join("pki/ca.key")).expect("remove key");
+        let err = Pki::load_or_create(&cfg).expect_err("must refuse");
+        assert!(matches!(err, PkiError::IncompleteDevCa { .. }), "{err}");
+        assert!(err.to_string().contains("ca.key"), "{err}");
+    }
+
+    #[test]
+    fn ecdsa_and_ed25519_csrs_are_signed_and_their_subject_is_ignored() {
+        let tmp = TempDir::new("ecdsa");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let (csr, key) = rcgen_csr(alg);
+            let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+            assert_agent_cert(&pki, &issued, false);
+            let cert_der = first_cert_der(&issued.cert_pem);
+            let cert = parse(cert_der.as_ref());
+            assert_eq!(
+                cert.public_key().subject_public_key.data.as_ref(),
+                key.public_key_raw(),
+                "the certificate must carry the CSR's key"
+            );
+        }
+    }
+
+    #[test]
+    fn serials_are_random() {
+        let tmp = TempDir::new("serials");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let (csr, _) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let a = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let b = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        assert_ne!(a.serial_hex, b.serial_hex);
+        assert_eq!(a.serial_hex.len(), 32);
+        assert_eq!(a.serial_hex, a.serial_hex.to_ascii_lowercase());
+    }
+
+    #[test]
+    fn openssl_rsa4096_csr_like_the_go_agent_is_signed() {
+        let tmp = TempDir::new("rsa");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let csr_path = tmp.path().join("agent.csr");
+        let key_path = tmp.path().join("agent.key");
+        let csr_arg = csr_path.to_string_lossy().into_owned();
+        let key_arg = key_path.to_string_lossy().into_owned();
+        let args = [
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:4096",
+            "-nodes",
+            "-subj",
+            "/CN=edge-1",
+            "-keyout",
+            &key_arg,
+            "-out",
+            &csr_arg,
+        ];
+        if openssl(&args).is_none() {
+            return;
+        }
+        let issued = pki
+            .sign_agent_csr(&read_string(&csr_path), &ID, TTL)
+            .expect("sign RSA-4096 CSR");
+        assert_agent_cert(&pki, &issued, true);
+        let der = first_cert_der(&issued.cert_pem);
+
+        let cert = parse(der.as_ref());
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            OID_PKCS1_RSAENCRYPTION
+        );
+        assert!(cert
+            .subject()
+            .iter_common_name()
+            .all(|cn| cn.as_str() != Ok("edge-1")));
+    }
+
+    #[test]
+    fn openssl_csr_with_extensions_rcgen_cannot_parse_is_signed_without_them() {
+        let tmp = TempDir::new("exts");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let csr_path = tmp.path().join("agent.csr");
+        let key_path = tmp.path().join("agent.key");
+        let csr_arg = csr_path.to_string_lossy().into_owned();
+        let key_arg = key_path.to_string_lossy().into_owned();
+        let args = [
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-nodes",
+            "-subj",
+            "/CN=edge-2/O=evil",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "subjectAltName=DNS:evil.example,IP:10.9.9.9",
+            "-addext",
+            "nsComment=ignored",
+            "-keyout",
+            &key_arg,
+            "-out",
+            &csr_arg,
+        ];
+        if openssl(&args).is_none() {
+            return;
+        }
+        let issued = pki
+            .sign_agent_csr(&read_string(&csr_path), &ID, TTL)
+            .expect("sign CSR with foreign extensions");
+        assert_agent_cert(&pki, &issued, false);
+    }
+
+    #[test]
+    fn bad_csrs_are_refused() {
+        let tmp = TempDir::new("badcsr");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let (csr, _) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+            .expect("CSR DER")
+            .as_ref()
+            .to_vec();
+
+        // The untampered request is fine (the test below would be vacuous otherwise).
+        pki.sign_agent_csr(&csr, &ID, TTL).expect("good CSR");
+
+        // Flip a bit in the signature (last byte) and in the subject (inside the signed part).
+        let mut bad_sig = der.clone();
+        if let Some(last) = bad_sig.last_mut() {
+            *last ^= 0x01;
+        }
+        let subject_at = der
+            .windows(5)
+            .position(|w| w == b"admin")
+            .expect("subject CN in DER");
+        let mut bad_subject = der.clone();
+        bad_subject[subject_at] ^= 0x01;
+        for (what, tampered) in [("signature", bad_sig), ("subject", bad_subject)] {
+            let pem = pem_encode("CERTIFICATE REQUEST", &tampered);
+            match pki.sign_agent_csr(&pem, &ID, TTL) {
+                Err(PkiError::Csr(msg)) => assert!(msg.contains("signature"), "{what}: {msg}"),
+                other => panic!("tampered {what} accepted or wrong error: {other:?}"),
+            }
+        }
+
+        let cert_pem = pki.ca.pem.clone();
+        let garbage_b64 = pem_encode("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00");
+        for (what, input) in [
+            ("empty", String::new()),
+            ("garbage", "not a csr at all".to_string()),
+            ("wrong PEM type", cert_pem),
+            ("garbage DER", garbage_b64),
+            ("truncated", csr[..csr.len() / 2].to_string()),
+        ] {
+            match pki.sign_agent_csr(&input, &ID, TTL) {
+                Err(PkiError::Csr(_)) => {}
+                other => panic!("{what}: expected a CSR error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn weak_or_unsupported_csr_keys_are_refused() {
+        let tmp = TempDir::new("weak");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        for (what, newkey) in [
+            ("RSA 1024", vec!["-newkey", "rsa:1024"]),
+            ("RSA 8192", vec!["-newkey", "rsa:8192"]),
+            (
+                "P-521",
+                vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
+            ),
+        ] {
+            let csr_path = tmp.path().join("weak.csr");
+            let key_path = tmp.path().join("weak.key");
+            let csr_arg = csr_path.to_string_lossy().into_owned();
+            let key_arg = key_path.to_string_lossy().into_owned();
+            let mut args = vec!["req", "-new"];
+            args.extend(newkey);
+            args.extend([
+                "-nodes", "-subj", "/CN=x", "-keyout", &key_arg, "-out", &csr_arg,
+            ]);
+            if openssl(&args).is_none() {
+                return;
+            }
+            match pki.sign_agent_csr(&read_string(&csr_path), &ID, TTL) {
+                Err(PkiError::Csr(_)) => {}
+                other => panic!("{what}: expected a CSR error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_identity_or_ttl_is_refused() {
+        let tmp = TempDir::new("ident");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let (csr, _) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let bad = AgentIdentity {
+            tenant_id: "a/b",
+            ..ID
+        };
+        assert!(matches!(
+            pki.sign_agent_csr(&csr, &bad, TTL),
+            Err(PkiError::InvalidIdentity(_))
+        ));
+        let empty = AgentIdentity { agent_id: "", ..ID };
+        assert!(matches!(
+            pki.sign_agent_csr(&csr, &empty, TTL),
+            Err(PkiError::InvalidIdentity(_))
+        ));
+        assert!(matches!(
+            pki.sign_agent_csr(&csr, &ID, Duration::ZERO),
+            Err(PkiError::InvalidTtl(_))
+        ));
+        assert!(matches!(
+            pki.sign_agent_csr(&csr, &ID, Duration::MAX),
+            Err(PkiError::InvalidTtl(_))
+        ));
+    }
+
+    #[test]
+    fn require_persistent_without_files_names_the_missing_variables() {
+        let tmp = TempDir::new("require");
+        let mut cfg = dev_config(tmp.path());
+        cfg.require_persistent = true;
+        let err = Pki::load_or_create(&cfg).expect_err("must fail");
+        let msg = err.to_string();
+        for var in [
+            "CA_CERT_FILE",
+            "CA_KEY_FILE",
+            "SERVER_CERT_FILE",
+            "SERVER_KEY_FILE",
+        ] {
+            assert!(msg.contains(var), "{var} not named in {msg:?}");
+        }
+        assert!(
+            !tmp.path().join("pki/ca.key").exists(),
+            "no dev CA in production mode"
+        );
+
+        cfg.ca_cert_file = Some(tmp.path().join("ca.pem"));
+        cfg.ca_key_file = Some(tmp.path().join("ca.key"));
+        let msg = Pki::load_or_create(&cfg)
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            msg.contains("SERVER_CERT_FILE") && msg.contains("SERVER_KEY_FILE"),
+            "{msg}"
+        );
+        assert!(!msg.contains("CA_CERT_FILE"), "{msg}");
+    }
+
+    #[test]
+    fn one_file_of_a_pair_alone_is_an_error() {
+        let tmp = TempDir::new("pair");
+        let cases: [(&str, &str, fn(&mut PkiConfig, PathBuf)); 4] = [
+            ("CA_CERT_FILE", "CA_KEY_FILE", |c, p| {
+                c.ca_cert_file = Some(p)
+            }),
+            ("CA_KEY_FILE", "CA_CERT_FILE", |c, p| {
+                c.ca_key_file = Some(p)
+            }),
+            ("SERVER_CERT_FILE", "SERVER_KEY_FILE", |c, p| {
+                c.server_cert_file = Some(p)
+            }),
+            ("SERVER_KEY_FILE", "SERVER_CERT_FILE", |c, p| {
+                c.server_key_file = Some(p)
+            }),
+        ];
+        for (set_var, unset_var, set) in cases {
+            let mut cfg = dev_config(tmp.path());
+            set(&mut cfg, tmp.path().join("x.pem"));
+            match Pki::load_or_create(&cfg) {
+                Err(err @ PkiError::IncompletePair { set, unset }) => {
+                    assert_eq!((set, unset), (set_var, unset_var));
+                    assert!(err.to_string().contains(unset_var));
+                }
+                other => panic!("{set_var} alone: {other:?}"),
+            }
+        }
+    }
+
+    /// Writes a CA (rcgen, any algorithm) as PEM files; returns (cert path, key path).
+    fn write_rcgen_ca(
+        dir: &Path,
+        name: &str,
+        alg: &'static SignatureAlgorithm,
+    ) -> (PathBuf, PathBuf, rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate_for(alg).expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(name, "ops");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("CA");
+        let cert_path = dir.join(format!("{name}.crt"));
+        let key_path = dir.join(format!("{name}.key"));
+        fs::write(&cert_path, cert.pem()).expect("write");
+        fs::write(&key_path, key.serialize_pem()).expect("write");
+        (cert_path, key_path, cert, key)
+    }
+
+    /// Writes a server certificate for localhost signed by `issuer`; returns (cert, key) paths.
+    fn write_server_cert(
+        dir: &Path,
+        name: &str,
+        issuer: &rcgen::Certificate,
+        issuer_key: &KeyPair,
+    ) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("params");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, issuer, issuer_key)
+            .expect("server cert");
+        let cert_path = dir.join(format!("{name}.crt"));
+        let key_path = dir.join(format!("{name}.key"));
+        fs::write(&cert_path, cert.pem()).expect("write");
+        fs::write(&key_path, key.serialize_pem()).expect("write");
+        (cert_path, key_path)
+    }
+
+    #[tokio::test]
+    async fn persistent_files_are_loaded_and_the_bundle_covers_a_foreign_server_ca() {
+        let tmp = TempDir::new("persist");
+        let files = tmp.path().join("files");
+        fs::create_dir_all(&files).expect("mkdir");
+        let (ca_crt, ca_key, _, _) =
+            write_rcgen_ca(&files, "agent-ca", &rcgen::PKCS_ECDSA_P384_SHA384);
+        let (_, _, public_ca, public_key) =
+            write_rcgen_ca(&files, "public-ca", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (srv_crt, srv_key) = write_server_cert(&files, "server", &public_ca, &public_key);
+
+        let mut cfg = dev_config(tmp.path());
+        cfg.require_persistent = true;
+        cfg.ca_cert_file = Some(ca_crt.clone());
+        cfg.ca_key_file = Some(ca_key);
+        cfg.server_cert_file = Some(srv_crt);
+        cfg.server_key_file = Some(srv_key);
+        let pki = Pki::load_or_create(&cfg).expect("load persistent PKI");
+        assert!(
+            !tmp.path().join("pki/ca.key").exists(),
+            "no dev CA when files are given"
+        );
+
+        // Bundle: agent CA first, then the root of the foreign server chain.
+        let bundle: Vec<_> = CertificateDer::pem_slice_iter(pki.ca_bundle_pem().as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("bundle");
+        assert_eq!(bundle.len(), 2);
+        assert_eq!(bundle[0], first_cert_der(&read_string(&ca_crt)));
+        assert_eq!(bundle[1], *public_ca.der());
+        assert_eq!(read_string(pki.ca_bundle_path()), pki.ca_bundle_pem());
+
+        // Agents get certificates from the file CA and can talk to the server with the bundle.
+        let (csr, key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        assert_agent_cert(&pki, &issued, false);
+        let der = first_cert_der(&issued.cert_pem);
+
+        let cert = parse(der.as_ref());
+        let file_ca_der = first_cert_der(&read_string(&ca_crt));
+        let file_ca = parse(file_ca_der.as_ref());
+        cert.verify_signature(Some(file_ca.public_key()))
+            .expect("signed by the file CA");
+        assert_eq!(cert.issuer().as_raw(), file_ca.subject().as_raw());
+
+        let server = pki.server_tls_config().expect("server config");
+        let client = client_config(pki.ca_bundle_pem(), Some((&issued, &key)));
+        let peer = handshake(server, client, "localhost")
+            .await
+            .expect("handshake");
+        assert_eq!(peer.map(|p| p.serial_hex), Some(issued.serial_hex));
+    }
+
+    #[test]
+    fn persistent_ca_key_must_match_its_certificate() {
+        let tmp = TempDir::new("mismatch");
+        let (ca_crt, _, _, _) = write_rcgen_ca(tmp.path(), "a", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (_, other_key, _, _) = write_rcgen_ca(tmp.path(), "b", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let mut cfg = dev_config(tmp.path());
+        cfg.ca_cert_file = Some(ca_crt);
+        cfg.ca_key_file = Some(other_key.clone());
+        match Pki::load_or_create(&cfg) {
+            Err(PkiError::InvalidFile { path, reason }) => {
+                assert_eq!(path, other_key);
+                assert!(reason.contains("does not match"), "{reason}");
+            }
+            other => panic!("mismatched CA key accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_non_ca_certificate_is_refused_as_agent_ca() {
+        let tmp = TempDir::new("nonca");
+        let (_, _, ca, ca_key) = write_rcgen_ca(tmp.path(), "root", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (leaf_crt, leaf_key) = write_server_cert(tmp.path(), "leaf", &ca, &ca_key);
+        let mut cfg = dev_config(tmp.path());
+        cfg.ca_cert_file = Some(leaf_crt);
+        cfg.ca_key_file = Some(leaf_key);
+        let err = Pki::load_or_create(&cfg).expect_err("leaf accepted as CA");
+        assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn openssl_ca_keys_in_sec1_and_pkcs1_form_are_usable() {
+        for (what, genkey) in [
+            (
+                "SEC1 P-256",
+                vec![
+                    "ecparam",
+                    "-genkey",
+                    "-name",
+                    "prime256v1",
+                    "-noout",
+                    "-out",
+                ],
+            ),
+            (
+                "SEC1 P-384",
+                vec!["ecparam", "-genkey", "-name", "secp384r1", "-noout", "-out"],
+            ),
+            ("PKCS#1 RSA", vec!["genrsa", "-traditional", "-out"]),
+        ] {
+            let tmp = TempDir::new("opensslca");
+            let key_path = tmp.path().join("ca.key");
+            let crt_path = tmp.path().join("ca.crt");
+            let key_arg = key_path.to_string_lossy().into_owned();
+            let crt_arg = crt_path.to_string_lossy().into_owned();
+            let mut args = genkey.clone();
+            args.push(&key_arg);
+            if what.contains("RSA") {
+                args.push("2048");
+            }
+            if openssl(&args).is_none() {
+                return;
+            }
+            let key_pem = read_string(&key_path);
+            let label = if what.contains("RSA") {
+                "RSA PRIVATE KEY"
+            } else {
+                "EC PRIVATE KEY"
+            };
+            assert!(key_pem.contains(label), "{what}: {key_pem}");
+            let req = [
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                &key_arg,
+                "-subj",
+                "/C=DE/O=Example Ops/OU=PKI/CN=Example Agent CA",
+                "-days",
+                "30",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-out",
+                &crt_arg,
+            ];
+            openssl(&req).expect("openssl present");
+
+            let mut cfg = dev_config(tmp.path());
+            cfg.ca_cert_file = Some(crt_path.clone());
+            cfg.ca_key_file = Some(key_path.clone());
+            let pki = Pki::load_or_create(&cfg).unwrap_or_else(|e| panic!("{what}: {e}"));
+            // Dev server cert signed by the file CA; the bundle is that CA alone.
+            assert_eq!(
+                CertificateDer::pem_slice_iter(pki.ca_bundle_pem().as_bytes()).count(),
+                1,
+                "{what}"
+            );
+            let (csr, key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+            let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+            assert_agent_cert(&pki, &issued, false);
+
+            // openssl agrees that the agent certificate chains to the CA file.
+            let agent_path = tmp.path().join("agent.crt");
+            fs::write(&agent_path, &issued.cert_pem).expect("write");
+            let agent_arg = agent_path.to_string_lossy().into_owned();
+            openssl(&[
+                "verify",
+                "-CAfile",
+                &crt_arg,
+                "-purpose",
+                "sslclient",
+                &agent_arg,
+            ])
+            .expect("openssl verify");
+
+            let server = pki.server_tls_config().expect("config");
+            let client = client_config(pki.ca_bundle_pem(), Some((&issued, &key)));
+            let peer = handshake(server, client, "127.0.0.1")
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(peer.map(|p| p.agent_id), Some(ID.agent_id.to_string()));
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_accepts_agent_ca_clients_and_anonymous_ones_and_refuses_foreign_ones() {
+        let tmp = TempDir::new("handshake");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
+        let server = pki.server_tls_config().expect("config");
+        let (csr, key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+
+        // Agent certificate from our CA, every name of the server certificate.
+        for name in [
+            "localhost",
+            "cp.example.com",
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+        ] {
+            let client = client_config(pki.ca_bundle_pem(), Some((&issued, &key)));
+            let peer = handshake(Arc::clone(&server), client, name)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let peer = peer.expect("the server sees the client certificate");
+            assert_eq!(peer.agent_id, ID.agent_id);
+            assert_eq!(peer.serial_hex, issued.serial_hex);
+            assert_eq!(peer.not_after_ms, issued.not_after_ms);
+        }
+
+        // No client certificate: allowed at the handshake.
+        let anonymous = client_config(pki.ca_bundle_pem(), None);
+        let peer = handshake(Arc::clone(&server), anonymous, "localhost")
+            .await
+            .expect("anonymous handshake");
+        assert_eq!(peer, None);
+
+        // A client certificate from another CA: the handshake fails.
+        let other_tmp = TempDir::new("foreign");
+        let foreign = Pki::load_or_create(&dev_config(other_tmp.path())).expect("foreign PKI");
+        let (csr, key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let foreign_cert = foreign.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let client = client_config(pki.ca_bundle_pem(), Some((&foreign_cert, &key)));
+        let err = handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect_err("foreign client certificate accepted");
+        assert!(err.contains("server handshake"), "{err}");
+
+        // A client trusting only another CA bundle does not trust our server.
+        let client = client_config(foreign.ca_bundle_pem(), None);
+        let err = handshake(server, client, "localhost")
+            .await
+            .expect_err("server verified with a foreign bundle");
+        assert!(err.contains("client handshake"), "{err}");
+    }
+
+    #[test]
+    fn peer_identity_normalises_serials_and_rejects_garbage() {
+        assert_eq!(peer_identity(b"garbage"), None);
+        assert_eq!(serial_hex(&[0x00, 0x80, 0x01]), "8001");
+        assert_eq!(serial_hex(&[0x00, 0x00, 0x0a]), "0a");
+        assert_eq!(serial_hex(&[0x00]), "00");
+
+        // A serial with the high bit set is DER-encoded with a leading zero byte.
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name("agent-x", "n-kudo-agent");
+        params.serial_number = Some(SerialNumber::from_slice(&[0x80, 0xab, 0xcd]));
+        let cert = params.self_signed(&key).expect("cert");
+        let x509 = parse(cert.der().as_ref());
+        assert_eq!(x509.raw_serial(), &[0x00, 0x80, 0xab, 0xcd]);
+        let peer = peer_identity(cert.der().as_ref()).expect("identity");
+        assert_eq!(peer.agent_id, "agent-x");
+        assert_eq!(peer.serial_hex, "80abcd");
+    }
+
+    #[test]
+    fn invalid_server_names_are_refused() {
+        let tmp = TempDir::new("names");
+        let mut cfg = dev_config(tmp.path());
+        cfg.server_names = vec!["not a host name".to_string()];
+        assert!(matches!(
+            Pki::load_or_create(&cfg),
+            Err(PkiError::InvalidServerName(_))
+        ));
+        let names = required_server_names(&["[::1]".to_string(), " Example.COM ".to_string()])
+            .expect("names");
+        assert_eq!(
+            names,
+            vec![
+                SanName::Dns("localhost".into()),
+                SanName::Ip("127.0.0.1".parse().expect("ip")),
+                SanName::Ip("::1".parse().expect("ip")),
+                SanName::Dns("example.com".into()),
+            ]
+        );
+    }
+}

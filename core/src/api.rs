@@ -164,6 +164,26 @@ pub struct ApiKeyCreated {
     pub expires_at: Option<String>,
 }
 
+/// An API key as `GET /tenants/{tenantID}/api-keys` lists it (never the key itself).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeysResponse {
+    pub api_keys: Vec<ApiKeyInfo>,
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Tenant routes (X-API-Key)
 
@@ -215,6 +235,26 @@ pub struct EnrollmentTokenCreated {
     pub token: String,
     pub expires_at: String,
     pub one_time: bool,
+}
+
+/// An enrollment token as `GET /tenants/{tenantID}/enrollment-tokens` lists it (never the token itself).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnrollmentTokenInfo {
+    pub id: String,
+    pub site_id: String,
+    pub site_name: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub consumed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_by_agent_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentTokensResponse {
+    pub tokens: Vec<EnrollmentTokenInfo>,
 }
 
 /// A host as `GET /sites/{siteID}/hosts` lists it.
@@ -354,6 +394,15 @@ pub struct RenewRequest {
     /// Optional for agents that hold one; checked when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
+}
+
+/// `POST /v1/unenroll` (mTLS): the agent gives up its identity; its certificate stops working at once.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UnenrollRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

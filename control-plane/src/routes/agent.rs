@@ -5,7 +5,7 @@ use crate::agents::AgentRecord;
 use crate::audit::{self, AuditEvent};
 use crate::auth::{AgentAuth, RequestCtx};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, OptionalJsonBody};
 use crate::heartbeat_buffer::{PendingHeartbeat, VmSnapshot};
 use crate::pki::AgentIdentity;
 use crate::state::SharedState;
@@ -13,7 +13,9 @@ use crate::util::{now_ms, random_secret, rfc3339, secret_eq, sha256_hex};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use nkudo_core::api::{ErrorCode, HeartbeatRequest, HeartbeatResponse, MicroVmReport, RenewRequest, RenewResponse};
+use nkudo_core::api::{
+    ErrorCode, HeartbeatRequest, HeartbeatResponse, MicroVmReport, RenewRequest, RenewResponse, UnenrollRequest,
+};
 use std::time::Instant;
 
 /// Most microVMs one heartbeat may report.
@@ -134,11 +136,18 @@ pub async fn heartbeat(
     };
     state.heartbeats.push(pending);
 
-    // An agent that does not say its version keeps the one it enrolled (or last heartbeated) with.
-    let supported = match &agent_version {
-        Some(v) => nkudo_core::version::is_agent_version_supported(&state.version, v),
-        None => true,
+    // An agent that does not say its version (the earlier Go agent) keeps the one it enrolled with.
+    let version = match &agent_version {
+        Some(v) if *v != auth.agent.agent_version => {
+            state.agents.put(AgentRecord {
+                agent_version: v.clone(),
+                ..(*auth.agent).clone()
+            });
+            v.as_str()
+        }
+        _ => auth.agent.agent_version.as_str(),
     };
+    let supported = nkudo_core::version::is_agent_version_supported(&state.version, version);
     state
         .metrics
         .heartbeats
@@ -239,4 +248,42 @@ pub async fn renew(
         expires_at: rfc3339(issued.not_after_ms),
         refresh_token,
     }))
+}
+
+/// The agent gives up its identity (host decommissioned or key compromised): 204, and its certificate is
+/// refused from the next request on.
+pub async fn unenroll(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    ctx: RequestCtx,
+    OptionalJsonBody(req): OptionalJsonBody<UnenrollRequest>,
+) -> ApiResult<StatusCode> {
+    check_agent_id(&auth, req.agent_id.as_deref())?;
+    let reason = req
+        .reason
+        .map(|r| r.trim().chars().take(500).collect::<String>())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "unenrolled by agent".into());
+    let agent = &auth.agent;
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    sqlx::query(
+        "UPDATE agents SET revoked_at = $1, revoke_reason = $2, state = 'OFFLINE', auth_changed_at = $1, \
+         updated_at = $1 WHERE id = $3 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(&reason)
+    .bind(&agent.id)
+    .execute(&mut *tx)
+    .await?;
+    crate::sweeper::recompute_site(&mut tx, &agent.site_id, now).await?;
+    let ev = AuditEvent::new(&agent.tenant_id, "agent.unenroll", "agent", &agent.id)
+        .actor("AGENT", Some(&agent.id))
+        .site(&agent.site_id)
+        .request(&ctx)
+        .metadata(serde_json::json!({ "reason": reason }));
+    audit::record(&mut tx, &ev).await?;
+    tx.commit().await?;
+    state.agents.mark_revoked(&agent.id);
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -235,6 +235,7 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, body: Byt
         host_id: host_id.clone(),
         cert_serial: issued.serial_hex.clone(),
         revoked: false,
+        agent_version: version.to_string(),
     });
     state.metrics.enrollments.with_label_values(&["success"]).inc();
     tracing::info!(%tenant_id, %site_id, %agent_id, %hostname, "agent enrolled");

@@ -13,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use nkudo_core::api::ErrorCode;
 use std::time::Instant;
@@ -25,10 +25,17 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", get(health::metrics))
         // admin
         .route("/tenants", post(admin::create_tenant).get(admin::list_tenants))
-        .route("/tenants/{tenant_id}/api-keys", post(admin::create_api_key))
+        .route(
+            "/tenants/{tenant_id}/api-keys",
+            post(admin::create_api_key).get(tenant::list_api_keys),
+        )
         // tenant
         .route("/tenants/{tenant_id}/sites", post(tenant::create_site).get(tenant::list_sites))
-        .route("/tenants/{tenant_id}/enrollment-tokens", post(tenant::create_enrollment_token))
+        .route("/tenants/{tenant_id}/api-keys/{key_id}", delete(tenant::delete_api_key))
+        .route(
+            "/tenants/{tenant_id}/enrollment-tokens",
+            post(tenant::create_enrollment_token).get(tenant::list_enrollment_tokens),
+        )
         .route("/tenants/{tenant_id}/agents", get(tenant::list_agents))
         .route("/tenants/{tenant_id}/agents/{agent_id}/revoke", post(tenant::revoke_agent))
         .route("/sites/{site_id}/hosts", get(tenant::list_hosts))
@@ -38,6 +45,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/agents/heartbeat", post(agent::heartbeat))
         .route("/v1/heartbeat", post(agent::heartbeat))
         .route("/v1/renew", post(agent::renew))
+        .route("/v1/unenroll", post(agent::unenroll))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -12,8 +12,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nkudo_core::api::{
-    Agent, AgentsResponse, CreateEnrollmentTokenRequest, CreateSiteRequest, EnrollmentTokenCreated, Host,
-    HostsResponse, NetbirdStatus, RevokeAgentRequest, Site, SitesResponse,
+    Agent, AgentsResponse, ApiKeyInfo, ApiKeysResponse, CreateEnrollmentTokenRequest, CreateSiteRequest,
+    EnrollmentTokenCreated, EnrollmentTokenInfo, EnrollmentTokensResponse, Host, HostsResponse, NetbirdStatus,
+    RevokeAgentRequest, Site, SitesResponse,
 };
 use sqlx::Row;
 
@@ -269,6 +270,7 @@ pub async fn revoke_agent(
             .bind(&agent_id)
             .fetch_one(&mut *tx)
             .await?;
+        crate::sweeper::recompute_site(&mut tx, &site, now).await?;
         let ev = AuditEvent::new(&auth.tenant_id, "agent.revoke", "agent", &agent_id)
             .actor("USER", Some(&auth.key_id))
             .site(&site)
@@ -340,4 +342,100 @@ pub async fn list_hosts(
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Json(HostsResponse { hosts }))
+}
+
+pub async fn list_api_keys(
+    auth: TenantAuth,
+    State(state): State<SharedState>,
+    ctx: RequestCtx,
+    Path(tenant_id): Path<String>,
+) -> ApiResult<Json<ApiKeysResponse>> {
+    auth.require_tenant(&state, &ctx, &tenant_id).await?;
+    let rows = sqlx::query(
+        "SELECT id, tenant_id, name, created_at, expires_at, last_used_at, revoked_at FROM api_keys \
+         WHERE tenant_id = $1 ORDER BY created_at, id",
+    )
+    .bind(&auth.tenant_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let api_keys = rows
+        .iter()
+        .map(|r| {
+            Ok(ApiKeyInfo {
+                id: r.try_get(0)?,
+                tenant_id: r.try_get(1)?,
+                name: r.try_get(2)?,
+                created_at: rfc3339(r.try_get(3)?),
+                expires_at: rfc3339_opt(r.try_get(4)?),
+                last_used_at: rfc3339_opt(r.try_get(5)?),
+                revoked_at: rfc3339_opt(r.try_get(6)?),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(ApiKeysResponse { api_keys }))
+}
+
+/// Revokes an API key of the tenant (204); a revoked key is refused from the next request on.
+pub async fn delete_api_key(
+    auth: TenantAuth,
+    State(state): State<SharedState>,
+    ctx: RequestCtx,
+    Path((tenant_id, key_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    auth.require_tenant(&state, &ctx, &tenant_id).await?;
+    let key_id = path_id("api key", &key_id)?;
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(key_id)
+    .bind(&auth.tenant_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(ApiError::not_found("api key"));
+    }
+    let ev = AuditEvent::new(&auth.tenant_id, "apikey.delete", "api_key", key_id)
+        .actor("USER", Some(&auth.key_id))
+        .request(&ctx);
+    audit::record(&mut tx, &ev).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_enrollment_tokens(
+    auth: TenantAuth,
+    State(state): State<SharedState>,
+    ctx: RequestCtx,
+    Path(tenant_id): Path<String>,
+) -> ApiResult<Json<EnrollmentTokensResponse>> {
+    auth.require_tenant(&state, &ctx, &tenant_id).await?;
+    let rows = sqlx::query(
+        "SELECT t.id, t.site_id, s.name, t.created_at, t.expires_at, t.used_at, t.used_by_agent_id \
+         FROM enrollment_tokens t JOIN sites s ON s.id = t.site_id WHERE t.tenant_id = $1 \
+         ORDER BY t.created_at DESC, t.id",
+    )
+    .bind(&auth.tenant_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let tokens = rows
+        .iter()
+        .map(|r| {
+            let used_at: Option<i64> = r.try_get(5)?;
+            Ok(EnrollmentTokenInfo {
+                id: r.try_get(0)?,
+                site_id: r.try_get(1)?,
+                site_name: r.try_get(2)?,
+                created_at: rfc3339(r.try_get(3)?),
+                expires_at: rfc3339(r.try_get(4)?),
+                consumed: used_at.is_some(),
+                consumed_at: rfc3339_opt(used_at),
+                consumed_by_agent_id: r.try_get(6)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(EnrollmentTokensResponse { tokens }))
 }
