@@ -179,9 +179,12 @@ pub enum PkiError {
     /// Generating or signing a certificate failed.
     #[error("certificate generation failed: {0}")]
     Certificate(#[from] rcgen::Error),
-    /// Building the TLS configuration failed.
+    /// Building the TLS configuration failed (e.g. the server key does not match its certificate).
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// An unexpected internal failure (a generated value that does not round-trip).
+    #[error("internal PKI error: {0}")]
+    Internal(String),
 }
 
 fn describe_missing(missing: &[&'static str]) -> String {
@@ -367,7 +370,7 @@ impl Pki {
 
         let cert = params.signed_by(&key, &self.ca.issuer, &self.ca.key)?;
         let issued = peer_identity(cert.der()).ok_or_else(|| {
-            PkiError::Tls("the issued certificate cannot be parsed back".to_string())
+            PkiError::Internal("the issued certificate cannot be parsed back".to_string())
         })?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
@@ -425,7 +428,7 @@ fn unix_now() -> i64 {
 }
 
 fn asn1_time(secs: i64) -> Result<ASN1Time, PkiError> {
-    ASN1Time::from_timestamp(secs).map_err(|e| PkiError::Tls(format!("time {secs}: {e}")))
+    ASN1Time::from_timestamp(secs).map_err(|e| PkiError::Internal(format!("time {secs}: {e}")))
 }
 
 fn distinguished_name(common_name: &str, organization: &str) -> DistinguishedName {
@@ -918,9 +921,9 @@ fn load_or_create_dev_server(
     write_atomic(&cert_path, cert_pem.as_bytes(), MODE_PUBLIC)?;
     tracing::info!(cert = %cert_path.display(), "dev server certificate created");
     let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes())
-        .map_err(|e| PkiError::Tls(format!("generated server certificate: {e}")))?];
+        .map_err(|e| PkiError::Internal(format!("generated server certificate: {e}")))?];
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| PkiError::Tls(format!("generated server key: {e}")))?;
+        .map_err(|e| PkiError::Internal(format!("generated server key: {e}")))?;
     Ok(ServerMaterial {
         chain,
         key,
@@ -1006,7 +1009,9 @@ fn generate_server_cert(
 fn build_ca_bundle(ca: &Ca, server_chain: &[CertificateDer<'static>]) -> Result<String, PkiError> {
     let mut bundle = ca.pem.clone();
     let Some(leaf) = server_chain.first() else {
-        return Err(PkiError::Tls("empty server certificate chain".to_string()));
+        return Err(PkiError::Internal(
+            "empty server certificate chain".to_string(),
+        ));
     };
     let issued_by_ca = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map(|(_, cert)| ca.issued(&cert))
@@ -1910,7 +1915,6 @@ mod tests {
         let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
         for (what, newkey) in [
             ("RSA 1024", vec!["-newkey", "rsa:1024"]),
-            ("RSA 8192", vec!["-newkey", "rsa:8192"]),
             (
                 "P-521",
                 vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
@@ -1995,10 +1999,12 @@ mod tests {
         assert!(!msg.contains("CA_CERT_FILE"), "{msg}");
     }
 
+    type SetFile = fn(&mut PkiConfig, PathBuf);
+
     #[test]
     fn one_file_of_a_pair_alone_is_an_error() {
         let tmp = TempDir::new("pair");
-        let cases: [(&str, &str, fn(&mut PkiConfig, PathBuf)); 4] = [
+        let cases: [(&str, &str, SetFile); 4] = [
             ("CA_CERT_FILE", "CA_KEY_FILE", |c, p| {
                 c.ca_cert_file = Some(p)
             }),
@@ -2044,12 +2050,14 @@ mod tests {
         (cert_path, key_path, cert, key)
     }
 
-    /// Writes a server certificate for localhost signed by `issuer`; returns (cert, key) paths.
+    /// Writes a server certificate for localhost signed by `issuer` (the file holds the chain
+    /// leaf + issuer when `with_issuer`); returns (cert, key) paths.
     fn write_server_cert(
         dir: &Path,
         name: &str,
         issuer: &rcgen::Certificate,
         issuer_key: &KeyPair,
+        with_issuer: bool,
     ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
         let mut params =
@@ -2061,7 +2069,11 @@ mod tests {
             .expect("server cert");
         let cert_path = dir.join(format!("{name}.crt"));
         let key_path = dir.join(format!("{name}.key"));
-        fs::write(&cert_path, cert.pem()).expect("write");
+        let mut chain = cert.pem();
+        if with_issuer {
+            chain.push_str(&issuer.pem());
+        }
+        fs::write(&cert_path, chain).expect("write");
         fs::write(&key_path, key.serialize_pem()).expect("write");
         (cert_path, key_path)
     }
@@ -2075,7 +2087,7 @@ mod tests {
             write_rcgen_ca(&files, "agent-ca", &rcgen::PKCS_ECDSA_P384_SHA384);
         let (_, _, public_ca, public_key) =
             write_rcgen_ca(&files, "public-ca", &rcgen::PKCS_ECDSA_P256_SHA256);
-        let (srv_crt, srv_key) = write_server_cert(&files, "server", &public_ca, &public_key);
+        let (srv_crt, srv_key) = write_server_cert(&files, "server", &public_ca, &public_key, true);
 
         let mut cfg = dev_config(tmp.path());
         cfg.require_persistent = true;
@@ -2119,6 +2131,47 @@ mod tests {
         assert_eq!(peer.map(|p| p.serial_hex), Some(issued.serial_hex));
     }
 
+    #[tokio::test]
+    async fn a_self_signed_server_certificate_is_added_to_the_bundle() {
+        let tmp = TempDir::new("selfsigned");
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.self_signed(&key).expect("self-signed");
+        let crt = tmp.path().join("server.crt");
+        let key_file = tmp.path().join("server.key");
+        fs::write(&crt, cert.pem()).expect("write");
+        fs::write(&key_file, key.serialize_pem()).expect("write");
+
+        let mut cfg = dev_config(tmp.path());
+        cfg.server_cert_file = Some(crt);
+        cfg.server_key_file = Some(key_file);
+        let pki = Pki::load_or_create(&cfg).expect("load");
+        let bundle: Vec<_> = CertificateDer::pem_slice_iter(pki.ca_bundle_pem().as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("bundle");
+        assert_eq!(bundle.len(), 2);
+        assert_eq!(
+            bundle[0].as_ref(),
+            pki.ca.der.as_ref(),
+            "dev agent CA first"
+        );
+        assert_eq!(bundle[1], *cert.der());
+        assert!(
+            !tmp.path().join("pki/server.key").exists(),
+            "no dev server cert when files are given"
+        );
+
+        let (csr, agent_key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let client = client_config(pki.ca_bundle_pem(), Some((&issued, &agent_key)));
+        let server = pki.server_tls_config().expect("config");
+        let peer = handshake(server, client, "localhost")
+            .await
+            .expect("handshake");
+        assert_eq!(peer.map(|p| p.agent_id), Some(ID.agent_id.to_string()));
+    }
+
     #[test]
     fn persistent_ca_key_must_match_its_certificate() {
         let tmp = TempDir::new("mismatch");
@@ -2140,7 +2193,7 @@ mod tests {
     fn a_non_ca_certificate_is_refused_as_agent_ca() {
         let tmp = TempDir::new("nonca");
         let (_, _, ca, ca_key) = write_rcgen_ca(tmp.path(), "root", &rcgen::PKCS_ECDSA_P256_SHA256);
-        let (leaf_crt, leaf_key) = write_server_cert(tmp.path(), "leaf", &ca, &ca_key);
+        let (leaf_crt, leaf_key) = write_server_cert(tmp.path(), "leaf", &ca, &ca_key, false);
         let mut cfg = dev_config(tmp.path());
         cfg.ca_cert_file = Some(leaf_crt);
         cfg.ca_key_file = Some(leaf_key);
@@ -2314,6 +2367,18 @@ mod tests {
         let peer = peer_identity(cert.der().as_ref()).expect("identity");
         assert_eq!(peer.agent_id, "agent-x");
         assert_eq!(peer.serial_hex, "80abcd");
+    }
+
+    #[test]
+    fn rsa_modulus_bit_length() {
+        assert_eq!(bit_length(&[0x00, 0x80, 0x00]), 16);
+        assert_eq!(bit_length(&[0x01, 0xff]), 9);
+        assert_eq!(bit_length(&[0x00]), 0);
+        let mut modulus = vec![0x00, 0xc0];
+        modulus.extend([0u8; 511]);
+        assert_eq!(bit_length(&modulus), 4096);
+        modulus.insert(1, 0x01);
+        assert_eq!(bit_length(&modulus), 4097, "just over the accepted range");
     }
 
     #[test]

@@ -143,14 +143,15 @@ pub async fn create_api_key(
             ))
         }
     };
-    let mut tx = state.db.pool.begin().await?;
+    // Checked before the transaction: on SQLite a write transaction must begin with its first write.
     let exists: Option<String> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
         .bind(&tenant_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&state.db.pool)
         .await?;
     if exists.is_none() {
         return Err(ApiError::not_found("tenant"));
     }
+    let mut tx = state.db.pool.begin().await?;
     let id = new_id();
     let plaintext = format!("nk_{}", random_secret());
     let now = now_ms();

@@ -7,7 +7,7 @@ use crate::auth::{AgentAuth, RequestCtx};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, OptionalJsonBody};
 use crate::heartbeat_buffer::{PendingHeartbeat, VmSnapshot};
-use crate::pki::AgentIdentity;
+use crate::pki::{AgentIdentity, PkiError};
 use crate::state::SharedState;
 use crate::util::{now_ms, random_secret, rfc3339, secret_eq, sha256_hex};
 use axum::extract::State;
@@ -207,7 +207,10 @@ pub async fn renew(
     })
     .await
     .map_err(|e| ApiError::internal("signing certificate", e))?
-    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidCsr, format!("invalid csr: {e}")))?;
+    .map_err(|e| match e {
+        PkiError::Csr(_) => super::enroll::csr_error(&e),
+        other => ApiError::internal("signing certificate", other),
+    })?;
     let refresh_token = random_secret();
     let now = now_ms();
     let mut tx = state.db.pool.begin().await?;

@@ -7,7 +7,7 @@ use crate::audit::{self, AuditEvent};
 use crate::auth::RequestCtx;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::parse_json;
-use crate::pki::AgentIdentity;
+use crate::pki::{AgentIdentity, PkiError};
 use crate::state::SharedState;
 use crate::util::{new_id, now_ms, random_secret, rfc3339, sha256_hex};
 use axum::body::Bytes;
@@ -23,6 +23,11 @@ const MAX_LABELS: usize = 64;
 fn refuse(state: &SharedState, result: &'static str, err: ApiError) -> ApiError {
     state.metrics.enrollments.with_label_values(&[result]).inc();
     err
+}
+
+/// A CSR the client got wrong: 400 `INVALID_CSR` with the reason.
+pub fn csr_error(e: &PkiError) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidCsr, format!("invalid csr: {e}"))
 }
 
 fn validate(req: &EnrollRequest) -> Result<String, ApiError> {
@@ -123,12 +128,9 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, body: Byt
     })
     .await
     .map_err(|e| ApiError::internal("signing certificate", e))?
-    .map_err(|e| {
-        refuse(
-            &state,
-            "invalid_csr",
-            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidCsr, format!("invalid csr: {e}")),
-        )
+    .map_err(|e| match e {
+        PkiError::Csr(_) => refuse(&state, "invalid_csr", csr_error(&e)),
+        other => refuse(&state, "error", ApiError::internal("signing certificate", other)),
     })?;
 
     // 3. One transaction: consume the token (first statement: the write lock), host, agent, audit.
