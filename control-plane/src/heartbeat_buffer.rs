@@ -199,3 +199,73 @@ async fn write_batch(db: &Db, batch: &HashMap<String, PendingHeartbeat>) -> Resu
     }
     tx.commit().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(agent: &str, at: i64) -> PendingHeartbeat {
+        PendingHeartbeat {
+            agent_id: agent.into(),
+            tenant_id: "t".into(),
+            site_id: "s".into(),
+            host_id: "h".into(),
+            received_at: at,
+            seq: None,
+            agent_version: None,
+            os: None,
+            arch: None,
+            kernel_version: None,
+            cpu_cores_total: None,
+            memory_bytes_total: None,
+            storage_bytes_total: None,
+            kvm_available: None,
+            cloud_hypervisor_available: None,
+            host_facts: None,
+            netbird: None,
+            microvms: None,
+        }
+    }
+
+    #[test]
+    fn newer_heartbeat_wins_and_keeps_what_it_lacks() {
+        let buf = HeartbeatBuffer::default();
+        let mut a = hb("a", 1);
+        a.agent_version = Some("0.1.0".into());
+        a.cpu_cores_total = Some(4);
+        a.seq = Some(7);
+        buf.push(a);
+        let mut b = hb("a", 2);
+        b.cpu_cores_total = Some(8);
+        b.seq = Some(5);
+        buf.push(b);
+        buf.push(hb("b", 3));
+        let taken = buf.take();
+        assert_eq!(taken.len(), 2);
+        let a = &taken["a"];
+        assert_eq!(a.cpu_cores_total, Some(8), "the newer value wins");
+        assert_eq!(a.agent_version.as_deref(), Some("0.1.0"), "a field the newer one lacks is kept");
+        assert_eq!(a.seq, Some(7), "the sequence only grows");
+        assert_eq!(a.received_at, 2);
+        assert!(buf.take().is_empty(), "take empties the buffer");
+    }
+
+    #[test]
+    fn restore_puts_failed_batch_under_newer_heartbeats() {
+        let buf = HeartbeatBuffer::default();
+        let mut old = hb("a", 1);
+        old.os = Some("debian".into());
+        old.kernel_version = Some("6.1".into());
+        buf.push(old);
+        let batch = buf.take();
+        let mut newer = hb("a", 5);
+        newer.kernel_version = Some("6.6".into());
+        buf.push(newer);
+        buf.restore(batch);
+        let taken = buf.take();
+        let a = &taken["a"];
+        assert_eq!(a.kernel_version.as_deref(), Some("6.6"));
+        assert_eq!(a.os.as_deref(), Some("debian"));
+        assert_eq!(a.received_at, 5);
+    }
+}
