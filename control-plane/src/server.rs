@@ -30,7 +30,11 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let builder = Arc::new({
         let mut b = Builder::new(TokioExecutor::new());
-        b.http1().keep_alive(true).header_read_timeout(Duration::from_secs(30));
+        b.http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(Duration::from_secs(30));
+        b.http2().timer(hyper_util::rt::TokioTimer::new());
         b
     });
     loop {

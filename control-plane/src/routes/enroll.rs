@@ -6,12 +6,11 @@ use crate::agents::AgentRecord;
 use crate::audit::{self, AuditEvent};
 use crate::auth::RequestCtx;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::parse_json;
+use crate::extract::{parse_json, read_body};
 use crate::pki::{AgentIdentity, PkiError};
 use crate::state::SharedState;
 use crate::util::{new_id, now_ms, random_secret, rfc3339, sha256_hex};
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nkudo_core::api::{EnrollRequest, EnrollResponse, ErrorCode};
@@ -60,7 +59,7 @@ fn validate(req: &EnrollRequest) -> Result<String, ApiError> {
     Ok(hostname.to_string())
 }
 
-pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, body: Bytes) -> ApiResult<Json<EnrollResponse>> {
+pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, request: Request) -> ApiResult<Json<EnrollResponse>> {
     if let Some(remote) = ctx.remote {
         if let Err(wait) = state.enroll_limiter.check(remote.ip()) {
             let mut e = ApiError::new(
@@ -72,6 +71,7 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, body: Byt
             return Err(refuse(&state, "rate_limited", e));
         }
     }
+    let body = read_body(request, &()).await.map_err(|e| refuse(&state, "invalid_request", e))?;
     let req: EnrollRequest = parse_json(&body).map_err(|e| refuse(&state, "invalid_request", e))?;
     let hostname = validate(&req).map_err(|e| refuse(&state, "invalid_request", e))?;
     let token_hash = sha256_hex(req.enrollment_token.trim().as_bytes());
