@@ -205,7 +205,11 @@ pub async fn verify(db: &crate::db::Db) -> Result<VerifyReport, sqlx::Error> {
         let last_hash: String = head.try_get(2)?;
         head_tenants.insert(tenant.clone());
         report.chains += 1;
-        let label = if tenant.is_empty() { "system".to_string() } else { format!("tenant {tenant}") };
+        let label = if tenant.is_empty() {
+            "system".to_string()
+        } else {
+            format!("tenant {tenant}")
+        };
         let rows = sqlx::query(
             "SELECT seq, prev_hash, entry_hash, occurred_at, actor_type, actor_id, site_id, action, resource_type, \
              resource_id, outcome, request_id, source_ip, metadata_json FROM audit_events WHERE tenant_id = $1 \
@@ -273,7 +277,9 @@ pub async fn verify(db: &crate::db::Db) -> Result<VerifyReport, sqlx::Error> {
                 },
             );
             if recomputed != stored_hash {
-                problem = Some(format!("{label}: event seq {seq} ({action}) was changed: its hash does not match"));
+                problem = Some(format!(
+                    "{label}: event seq {seq} ({action}) was changed: its hash does not match"
+                ));
                 continue;
             }
             prev = stored_hash;

@@ -82,7 +82,11 @@ impl FromRequestParts<SharedState> for Admin {
         match header(parts, "x-admin-key") {
             Some(k) if secret_eq(k, &state.admin_key) => Ok(Admin),
             given => {
-                let detail = if given.is_some() { "wrong admin key" } else { "missing admin key" };
+                let detail = if given.is_some() {
+                    "wrong admin key"
+                } else {
+                    "missing admin key"
+                };
                 auth_failure(state, parts, "", "admin", detail).await;
                 Err(ApiError::unauthorized(ErrorCode::InvalidAdminKey, "invalid admin key"))
             }
@@ -109,12 +113,11 @@ impl FromRequestParts<SharedState> for TenantAuth {
         };
         let hash = sha256_hex(key.as_bytes());
         let now = now_ms();
-        let row = sqlx::query(
-            "SELECT id, tenant_id, expires_at, revoked_at, last_used_at FROM api_keys WHERE key_hash = $1",
-        )
-        .bind(&hash)
-        .fetch_optional(&state.db.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT id, tenant_id, expires_at, revoked_at, last_used_at FROM api_keys WHERE key_hash = $1")
+                .bind(&hash)
+                .fetch_optional(&state.db.pool)
+                .await?;
         let valid = match &row {
             Some(r) => {
                 let expires_at: Option<i64> = r.try_get(2)?;
@@ -146,7 +149,12 @@ impl FromRequestParts<SharedState> for TenantAuth {
 impl TenantAuth {
     /// The path names a tenant: it must be this key's tenant. Another tenant answers 404 (never 403 with
     /// details), and the attempt is audited in the key's own chain.
-    pub async fn require_tenant(&self, state: &SharedState, ctx: &RequestCtx, path_tenant: &str) -> Result<(), ApiError> {
+    pub async fn require_tenant(
+        &self,
+        state: &SharedState,
+        ctx: &RequestCtx,
+        path_tenant: &str,
+    ) -> Result<(), ApiError> {
         if !crate::util::is_uuid(path_tenant) {
             return Err(ApiError::invalid_id("tenant"));
         }
@@ -197,10 +205,16 @@ impl FromRequestParts<SharedState> for AgentAuth {
         }
         if agent.cert_serial != peer.serial_hex {
             auth_failure(state, parts, &agent.tenant_id, "mtls", "certificate serial mismatch").await;
-            return Err(refuse(ErrorCode::CertificateSerialMismatch, "certificate serial mismatch"));
+            return Err(refuse(
+                ErrorCode::CertificateSerialMismatch,
+                "certificate serial mismatch",
+            ));
         }
         if peer.not_after_ms <= now_ms() {
-            return Err(refuse(ErrorCode::InvalidClientCertificate, "client certificate expired"));
+            return Err(refuse(
+                ErrorCode::InvalidClientCertificate,
+                "client certificate expired",
+            ));
         }
         Ok(AgentAuth { agent, peer })
     }

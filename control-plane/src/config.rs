@@ -84,10 +84,15 @@ impl Config {
             message,
         })?;
         let data_dir = path("NKUDO_DATA_DIR").unwrap_or_else(|| PathBuf::from("data"));
-        let database_url = var("DATABASE_URL")
-            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("nkudo.db").display()));
+        let database_url =
+            var("DATABASE_URL").unwrap_or_else(|| format!("sqlite://{}", data_dir.join("nkudo.db").display()));
         let mut server_names: Vec<String> = var("SERVER_NAMES")
-            .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default();
         if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             let h = h.trim();
@@ -186,9 +191,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         if num_len == 0 {
             return Err(format!("{raw:?}: expected a number"));
         }
-        let value: f64 = rest[..num_len]
-            .parse()
-            .map_err(|_| format!("{raw:?}: bad number"))?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| format!("{raw:?}: bad number"))?;
         rest = &rest[num_len..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];

@@ -169,7 +169,10 @@ impl Db {
 
     /// A cheap round trip, for `/readyz`.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(&self.pool).await.map(|_| ())
+        sqlx::query_scalar::<_, i64>("SELECT 1")
+            .fetch_one(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// Whether an error is a unique-constraint violation (for 409 answers).

@@ -30,7 +30,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("{what} not found"))
     }
     pub fn invalid_id(what: &str) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidId, format!("invalid {what} id"))
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidId,
+            format!("invalid {what} id"),
+        )
     }
     pub fn unauthorized(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
@@ -41,7 +45,11 @@ impl ApiError {
     /// A failure of ours: the cause is logged with `context`, the client sees only `context`.
     pub fn internal(context: &str, cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, context.to_string())
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            context.to_string(),
+        )
     }
 }
 
@@ -50,7 +58,11 @@ impl From<sqlx::Error> for ApiError {
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 tracing::error!(error = %e, "database unavailable");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "database unavailable")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "database unavailable",
+                )
             }
             _ => ApiError::internal("database error", e),
         }

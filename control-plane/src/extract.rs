@@ -44,7 +44,11 @@ pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes,
                 format!("request body larger than {MAX_BODY_BYTES} bytes"),
             )
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidJson, "could not read request body")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidJson,
+                "could not read request body",
+            )
         }
     })
 }

@@ -52,8 +52,20 @@ impl PendingHeartbeat {
         macro_rules! keep {
             ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = older.$f; } )* };
         }
-        keep!(agent_version, os, arch, kernel_version, cpu_cores_total, memory_bytes_total, storage_bytes_total,
-              kvm_available, cloud_hypervisor_available, host_facts, netbird, microvms);
+        keep!(
+            agent_version,
+            os,
+            arch,
+            kernel_version,
+            cpu_cores_total,
+            memory_bytes_total,
+            storage_bytes_total,
+            kvm_available,
+            cloud_hypervisor_available,
+            host_facts,
+            netbird,
+            microvms
+        );
         self.seq = match (self.seq, older.seq) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -78,7 +90,10 @@ impl HeartbeatBuffer {
     }
 
     fn take(&self) -> HashMap<String, PendingHeartbeat> {
-        self.pending.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default()
+        self.pending
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
     }
 
     /// Puts back heartbeats whose write failed, under any newer ones that arrived meanwhile.
@@ -244,7 +259,11 @@ mod tests {
         assert_eq!(taken.len(), 2);
         let a = &taken["a"];
         assert_eq!(a.cpu_cores_total, Some(8), "the newer value wins");
-        assert_eq!(a.agent_version.as_deref(), Some("0.1.0"), "a field the newer one lacks is kept");
+        assert_eq!(
+            a.agent_version.as_deref(),
+            Some("0.1.0"),
+            "a field the newer one lacks is kept"
+        );
         assert_eq!(a.seq, Some(7), "the sequence only grows");
         assert_eq!(a.received_at, 2);
         assert!(buf.take().is_empty(), "take empties the buffer");

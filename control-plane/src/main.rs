@@ -102,7 +102,9 @@ fn main() -> std::process::ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -159,7 +161,11 @@ fn write_secret_file(path: &Path, data: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
     {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data.as_bytes())?;
         f.sync_all()?;
     }
@@ -174,15 +180,19 @@ fn admin_key(cfg: &Config) -> anyhow::Result<(String, Option<String>)> {
     }
     let path = cfg.data_dir.join("admin.key");
     match std::fs::read_to_string(&path) {
-        Ok(k) if !k.trim().is_empty() => {
-            Ok((k.trim().to_string(), Some(format!("admin key: stored in {}", path.display()))))
-        }
+        Ok(k) if !k.trim().is_empty() => Ok((
+            k.trim().to_string(),
+            Some(format!("admin key: stored in {}", path.display())),
+        )),
         _ => {
             let key = format!("nkadm_{}", util::random_secret());
             write_secret_file(&path, &key).with_context(|| format!("writing {}", path.display()))?;
             Ok((
                 key.clone(),
-                Some(format!("admin key: {key} (generated once; stored in {})", path.display())),
+                Some(format!(
+                    "admin key: {key} (generated once; stored in {})",
+                    path.display()
+                )),
             ))
         }
     }
@@ -232,12 +242,21 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     }
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "nkudo-control-plane {VERSION} (database {}, data {})", db.backend.as_str(), cfg.data_dir.display())?;
+    writeln!(
+        out,
+        "nkudo-control-plane {VERSION} (database {}, data {})",
+        db.backend.as_str(),
+        cfg.data_dir.display()
+    )?;
     if let Some(line) = admin_line {
         writeln!(out, "{line}")?;
     }
     writeln!(out, "ca bundle: {}", state.pki.ca_bundle_path().display())?;
-    let shown_host = if local.ip().is_unspecified() { "localhost".to_string() } else { local.ip().to_string() };
+    let shown_host = if local.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        local.ip().to_string()
+    };
     let shown = if local.is_ipv6() && !local.ip().is_unspecified() {
         format!("[{shown_host}]:{}", local.port())
     } else {
@@ -254,7 +273,14 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         tracing::info!("signal received; stopping");
         let _ = stop_tx.send(true);
     });
-    server::serve(listener, tls, routes::router(state.clone()), stop_rx, cfg.shutdown_timeout).await;
+    server::serve(
+        listener,
+        tls,
+        routes::router(state.clone()),
+        stop_rx,
+        cfg.shutdown_timeout,
+    )
+    .await;
     // The background task flushes buffered heartbeats on its way out.
     if let Err(e) = background.await {
         tracing::error!(error = %e, "background task");

@@ -55,7 +55,10 @@ impl Metrics {
         )
         .expect("metric");
         let agents_by_version = IntGaugeVec::new(
-            Opts::new("nkudo_agents_by_version", "Enrolled, non-revoked agents by version and support"),
+            Opts::new(
+                "nkudo_agents_by_version",
+                "Enrolled, non-revoked agents by version and support",
+            ),
             &["version", "supported"],
         )
         .expect("metric");
@@ -76,8 +79,11 @@ impl Metrics {
         )
         .expect("metric");
         let heartbeat_flush = Histogram::with_opts(
-            HistogramOpts::new("nkudo_heartbeat_flush_seconds", "Duration of one batched heartbeat write")
-                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            HistogramOpts::new(
+                "nkudo_heartbeat_flush_seconds",
+                "Duration of one batched heartbeat write",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         )
         .expect("metric");
         let heartbeat_flush_rows = IntCounter::new(

@@ -40,22 +40,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use rand::Rng as _;
 use rcgen::{
-    BasicConstraints, BmpString, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber, SignatureAlgorithm, UniversalString,
+    BasicConstraints, BmpString, CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose,
+    Ia5String, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    UniversalString,
 };
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{
-    CertificateDer, CertificateSigningRequestDer, DnsName, PrivateKeyDer, PrivatePkcs8KeyDer,
-};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, DnsName, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA, OID_SIG_ED25519,
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_SHA1WITHRSA,
+    OID_SHA1_WITH_RSA, OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -291,14 +289,13 @@ impl Pki {
         let ca_bundle_path = dir.join(CA_BUNDLE);
         write_atomic(&ca_bundle_path, ca_bundle_pem.as_bytes(), MODE_PUBLIC)?;
 
-        let server_config =
-            build_server_config(&ca.der, server.chain, server.key).map_err(|e| {
-                PkiError::Tls(format!(
-                    "server certificate {} with key {}: {e}",
-                    server.cert_path.display(),
-                    server.key_path.display()
-                ))
-            })?;
+        let server_config = build_server_config(&ca.der, server.chain, server.key).map_err(|e| {
+            PkiError::Tls(format!(
+                "server certificate {} with key {}: {e}",
+                server.cert_path.display(),
+                server.key_path.display()
+            ))
+        })?;
 
         Ok(Pki {
             ca,
@@ -329,12 +326,7 @@ impl Pki {
     /// Verifies the CSR's self-signature and issues an agent certificate for `id`, valid from one
     /// minute ago until `now + ttl`. The CSR only contributes its public key (ECDSA P-256/P-384,
     /// Ed25519 or RSA 2048–4096 bits); its subject and extensions are ignored.
-    pub fn sign_agent_csr(
-        &self,
-        csr_pem: &str,
-        id: &AgentIdentity,
-        ttl: Duration,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn sign_agent_csr(&self, csr_pem: &str, id: &AgentIdentity, ttl: Duration) -> Result<IssuedCert, PkiError> {
         validate_identity(id)?;
         let key = CsrPublicKey::from_pem(csr_pem)?;
 
@@ -356,8 +348,7 @@ impl Pki {
             "spiffe://nkudo/tenant/{}/site/{}/agent/{}",
             id.tenant_id, id.site_id, id.agent_id
         );
-        let uri = Ia5String::try_from(uri)
-            .map_err(|e| PkiError::InvalidIdentity(format!("SAN URI: {e}")))?;
+        let uri = Ia5String::try_from(uri).map_err(|e| PkiError::InvalidIdentity(format!("SAN URI: {e}")))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -369,9 +360,8 @@ impl Pki {
         params.use_authority_key_identifier_extension = true;
 
         let cert = params.signed_by(&key, &self.ca.issuer, &self.ca.key)?;
-        let issued = peer_identity(cert.der()).ok_or_else(|| {
-            PkiError::Internal("the issued certificate cannot be parsed back".to_string())
-        })?;
+        let issued = peer_identity(cert.der())
+            .ok_or_else(|| PkiError::Internal("the issued certificate cannot be parsed back".to_string()))?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             serial_hex: issued.serial_hex,
@@ -384,13 +374,7 @@ impl Pki {
 /// the handshake). `None` when the DER does not parse or has no UTF-8 CN.
 pub fn peer_identity(cert_der: &[u8]) -> Option<PeerIdentity> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let agent_id = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
+    let agent_id = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     let not_after_ms = cert.validity().not_after.timestamp().checked_mul(1000)?;
     Some(PeerIdentity {
         agent_id,
@@ -447,9 +431,7 @@ fn validate_identity(id: &AgentIdentity) -> Result<(), PkiError> {
         ("agent_id", id.agent_id),
     ] {
         if value.is_empty() || value.len() > 64 {
-            return Err(PkiError::InvalidIdentity(format!(
-                "{field} must be 1 to 64 characters"
-            )));
+            return Err(PkiError::InvalidIdentity(format!("{field} must be 1 to 64 characters")));
         }
         if !value
             .bytes()
@@ -492,10 +474,8 @@ impl CsrPublicKey {
     }
 
     fn from_pem(csr_pem: &str) -> Result<Self, PkiError> {
-        let der =
-            CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| {
-                PkiError::Csr(format!("no PEM \"CERTIFICATE REQUEST\" block found ({e})"))
-            })?;
+        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .map_err(|e| PkiError::Csr(format!("no PEM \"CERTIFICATE REQUEST\" block found ({e})")))?;
         let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
             .map_err(|e| PkiError::Csr(format!("malformed DER: {e}")))?;
         if !rest.is_empty() {
@@ -503,17 +483,12 @@ impl CsrPublicKey {
         }
         let sig_alg = &csr.signature_algorithm.algorithm;
         if *sig_alg == OID_PKCS1_SHA1WITHRSA || *sig_alg == OID_SHA1_WITH_RSA {
-            return Err(PkiError::Csr(
-                "SHA-1 signatures are not accepted".to_string(),
-            ));
+            return Err(PkiError::Csr("SHA-1 signatures are not accepted".to_string()));
         }
         let spki = &csr.certification_request_info.subject_pki;
         let alg = classify_key(spki)?;
-        csr.verify_signature().map_err(|e| {
-            PkiError::Csr(format!(
-                "the request's self-signature does not verify ({e})"
-            ))
-        })?;
+        csr.verify_signature()
+            .map_err(|e| PkiError::Csr(format!("the request's self-signature does not verify ({e})")))?;
         Ok(CsrPublicKey {
             raw: spki.subject_public_key.data.to_vec(),
             alg,
@@ -536,11 +511,7 @@ fn classify_key(spki: &SubjectPublicKeyInfo) -> Result<&'static SignatureAlgorit
         }
         Ok(&rcgen::PKCS_RSA_SHA256)
     } else if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
         match curve {
             Some(c) if c == OID_EC_P256 => Ok(&rcgen::PKCS_ECDSA_P256_SHA256),
             Some(c) if c == OID_NIST_EC_P384 => Ok(&rcgen::PKCS_ECDSA_P384_SHA384),
@@ -583,12 +554,7 @@ struct Ca {
 }
 
 impl Ca {
-    fn from_pem(
-        cert_pem: &[u8],
-        key_pem: &[u8],
-        cert_path: &Path,
-        key_path: &Path,
-    ) -> Result<Ca, PkiError> {
+    fn from_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Path) -> Result<Ca, PkiError> {
         let invalid_cert = |reason: String| PkiError::InvalidFile {
             path: cert_path.to_path_buf(),
             reason,
@@ -616,10 +582,7 @@ impl Ca {
         if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
             return Err(PkiError::InvalidFile {
                 path: key_path.to_path_buf(),
-                reason: format!(
-                    "the key does not match the certificate in {}",
-                    cert_path.display()
-                ),
+                reason: format!("the key does not match the certificate in {}", cert_path.display()),
             });
         }
         let now = unix_now();
@@ -636,12 +599,10 @@ impl Ca {
             .map_err(|e| invalid_cert(format!("subject name cannot be used for signing: {e}")))?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ski = cert
-            .iter_extensions()
-            .find_map(|ext| match ext.parsed_extension() {
-                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
-                _ => None,
-            });
+        let ski = cert.iter_extensions().find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+            _ => None,
+        });
         if let Some(ski) = ski {
             params.key_identifier_method = KeyIdMethod::PreSpecified(ski);
         }
@@ -672,8 +633,7 @@ impl Ca {
         let Ok((_, ca)) = x509_parser::parse_x509_certificate(self.der.as_ref()) else {
             return false;
         };
-        cert.issuer().as_raw() == ca.subject().as_raw()
-            && cert.verify_signature(Some(ca.public_key())).is_ok()
+        cert.issuer().as_raw() == ca.subject().as_raw() && cert.verify_signature(Some(ca.public_key())).is_ok()
     }
 }
 
@@ -694,23 +654,16 @@ fn rcgen_name(name: &X509Name) -> Result<DistinguishedName, String> {
             .collect();
         let value = attr.attr_value();
         let data = value.data;
-        let text =
-            || std::str::from_utf8(data).map_err(|_| "attribute is not valid text".to_string());
+        let text = || std::str::from_utf8(data).map_err(|_| "attribute is not valid text".to_string());
         let value = match value.header.tag() {
             Tag::Utf8String => DnValue::Utf8String(text()?.to_string()),
-            Tag::PrintableString => {
-                DnValue::PrintableString(text()?.try_into().map_err(|e| format!("{e}"))?)
-            }
+            Tag::PrintableString => DnValue::PrintableString(text()?.try_into().map_err(|e| format!("{e}"))?),
             Tag::Ia5String => DnValue::Ia5String(text()?.try_into().map_err(|e| format!("{e}"))?),
-            Tag::T61String => {
-                DnValue::TeletexString(text()?.try_into().map_err(|e| format!("{e}"))?)
+            Tag::T61String => DnValue::TeletexString(text()?.try_into().map_err(|e| format!("{e}"))?),
+            Tag::BmpString => DnValue::BmpString(BmpString::from_utf16be(data.to_vec()).map_err(|e| format!("{e}"))?),
+            Tag::UniversalString => {
+                DnValue::UniversalString(UniversalString::from_utf32be(data.to_vec()).map_err(|e| format!("{e}"))?)
             }
-            Tag::BmpString => DnValue::BmpString(
-                BmpString::from_utf16be(data.to_vec()).map_err(|e| format!("{e}"))?,
-            ),
-            Tag::UniversalString => DnValue::UniversalString(
-                UniversalString::from_utf32be(data.to_vec()).map_err(|e| format!("{e}"))?,
-            ),
             other => return Err(format!("unsupported attribute string type {other}")),
         };
         dn.push(DnType::from_oid(&oid), value);
@@ -724,12 +677,7 @@ fn load_or_create_dev_ca(dir: &Path, common_name: &str) -> Result<Ca, PkiError> 
     match (exists(&cert_path)?, exists(&key_path)?) {
         (true, true) => {
             tighten_key_permissions(&key_path)?;
-            let ca = Ca::from_pem(
-                &read_file(&cert_path)?,
-                &read_file(&key_path)?,
-                &cert_path,
-                &key_path,
-            )?;
+            let ca = Ca::from_pem(&read_file(&cert_path)?, &read_file(&key_path)?, &cert_path, &key_path)?;
             tracing::info!(cert = %cert_path.display(), "dev agent CA loaded");
             Ok(ca)
         }
@@ -760,12 +708,7 @@ fn load_or_create_dev_ca(dir: &Path, common_name: &str) -> Result<Ca, PkiError> 
             write_atomic(&cert_path, cert_pem.as_bytes(), MODE_PUBLIC)?;
             tracing::info!(cert = %cert_path.display(), "dev agent CA created");
             // Same path as a restart, so the first start behaves exactly like later ones.
-            Ca::from_pem(
-                cert_pem.as_bytes(),
-                key_pem.as_bytes(),
-                &cert_path,
-                &key_path,
-            )
+            Ca::from_pem(cert_pem.as_bytes(), key_pem.as_bytes(), &cert_path, &key_path)
         }
     }
 }
@@ -840,12 +783,8 @@ fn certificate_names(cert: &X509Certificate) -> Vec<SanName> {
         .filter_map(|name| match name {
             GeneralName::DNSName(dns) => Some(SanName::Dns(dns.to_ascii_lowercase())),
             GeneralName::IPAddress(octets) => match octets.len() {
-                4 => <[u8; 4]>::try_from(*octets)
-                    .ok()
-                    .map(|o| SanName::Ip(IpAddr::from(o))),
-                16 => <[u8; 16]>::try_from(*octets)
-                    .ok()
-                    .map(|o| SanName::Ip(IpAddr::from(o))),
+                4 => <[u8; 4]>::try_from(*octets).ok().map(|o| SanName::Ip(IpAddr::from(o))),
+                16 => <[u8; 16]>::try_from(*octets).ok().map(|o| SanName::Ip(IpAddr::from(o))),
                 _ => None,
             },
             _ => None,
@@ -862,11 +801,7 @@ fn missing_names(cert: &X509Certificate, required: &[SanName]) -> Vec<String> {
         .collect()
 }
 
-fn load_server_files(
-    cert_path: &Path,
-    key_path: &Path,
-    names: &[SanName],
-) -> Result<ServerMaterial, PkiError> {
+fn load_server_files(cert_path: &Path, key_path: &Path, names: &[SanName]) -> Result<ServerMaterial, PkiError> {
     let chain = read_cert_chain(cert_path)?;
     let key = read_private_key(key_path)?;
     if let Some(leaf) = chain.first() {
@@ -896,11 +831,7 @@ fn load_server_files(
     })
 }
 
-fn load_or_create_dev_server(
-    dir: &Path,
-    ca: &Ca,
-    names: &[SanName],
-) -> Result<ServerMaterial, PkiError> {
+fn load_or_create_dev_server(dir: &Path, ca: &Ca, names: &[SanName]) -> Result<ServerMaterial, PkiError> {
     let cert_path = dir.join(DEV_SERVER_CERT);
     let key_path = dir.join(DEV_SERVER_KEY);
     if exists(&cert_path)? && exists(&key_path)? {
@@ -915,8 +846,7 @@ fn load_or_create_dev_server(
             }
         }
     }
-    let (cert_pem, key_pem) =
-        generate_server_cert(ca, names, unix_now(), DEV_SERVER_LIFETIME_SECS)?;
+    let (cert_pem, key_pem) = generate_server_cert(ca, names, unix_now(), DEV_SERVER_LIFETIME_SECS)?;
     write_atomic(&key_path, key_pem.as_bytes(), MODE_KEY)?;
     write_atomic(&cert_path, cert_pem.as_bytes(), MODE_PUBLIC)?;
     tracing::info!(cert = %cert_path.display(), "dev server certificate created");
@@ -1009,9 +939,7 @@ fn generate_server_cert(
 fn build_ca_bundle(ca: &Ca, server_chain: &[CertificateDer<'static>]) -> Result<String, PkiError> {
     let mut bundle = ca.pem.clone();
     let Some(leaf) = server_chain.first() else {
-        return Err(PkiError::Internal(
-            "empty server certificate chain".to_string(),
-        ));
+        return Err(PkiError::Internal("empty server certificate chain".to_string()));
     };
     let issued_by_ca = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map(|(_, cert)| ca.issued(&cert))
@@ -1036,11 +964,10 @@ fn build_server_config(
     roots
         .add(ca_der.clone())
         .map_err(|e| format!("agent CA as trust anchor: {e}"))?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| format!("client certificate verifier: {e}"))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("client certificate verifier: {e}"))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
@@ -1061,21 +988,19 @@ const ALG_RSA: &[u8] = &[
 ];
 /// DER AlgorithmIdentifier of id-ecPublicKey with prime256v1.
 const ALG_EC_P256: &[u8] = &[
-    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
-    0xce, 0x3d, 0x03, 0x01, 0x07,
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03,
+    0x01, 0x07,
 ];
 /// DER AlgorithmIdentifier of id-ecPublicKey with secp384r1.
 const ALG_EC_P384: &[u8] = &[
-    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
-    0x00, 0x22,
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22,
 ];
 
 /// Loads a signing key for rcgen from PEM: PKCS#8 (ECDSA P-256/P-384, Ed25519, RSA), SEC1 EC or
 /// PKCS#1 RSA (the latter two are re-wrapped as PKCS#8, which is what rcgen/ring accept).
 fn load_key_pair(pem: &[u8]) -> Result<KeyPair, String> {
-    let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
-        format!("no unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1) found ({e})")
-    })?;
+    let der = PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("no unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1) found ({e})"))?;
     let unsupported = |e: rcgen::Error| format!("unsupported private key: {e}");
     match &der {
         PrivateKeyDer::Pkcs8(pkcs8) => KeyPair::try_from(pkcs8).map_err(unsupported),
@@ -1231,10 +1156,7 @@ fn tighten_key_permissions(path: &Path) -> Result<(), PkiError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(path)
-            .map_err(io_err(path))?
-            .permissions()
-            .mode();
+        let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
         if mode & 0o077 != 0 {
             tracing::warn!(key = %path.display(), mode = format!("{:o}", mode & 0o777), "key file was readable by others; resetting to 0600");
             set_mode(path, MODE_KEY)?;
@@ -1353,9 +1275,7 @@ mod tests {
     }
 
     fn parse(der: &[u8]) -> X509Certificate<'_> {
-        x509_parser::parse_x509_certificate(der)
-            .expect("parse certificate")
-            .1
+        x509_parser::parse_x509_certificate(der).expect("parse certificate").1
     }
 
     fn first_cert_der(pem: &str) -> CertificateDer<'static> {
@@ -1364,8 +1284,7 @@ mod tests {
 
     fn rcgen_csr(alg: &'static SignatureAlgorithm) -> (String, KeyPair) {
         let key = KeyPair::generate_for(alg).expect("key");
-        let mut params =
-            CertificateParams::new(vec!["evil.example".to_string()]).expect("CSR params");
+        let mut params = CertificateParams::new(vec!["evil.example".to_string()]).expect("CSR params");
         params.distinguished_name = distinguished_name("admin", "evil corp");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let csr = params.serialize_request(&key).expect("CSR");
@@ -1384,11 +1303,7 @@ mod tests {
                 Some(())
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                assert_ne!(
-                    std::env::var("CI").as_deref(),
-                    Ok("true"),
-                    "openssl is required in CI"
-                );
+                assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "openssl is required in CI");
                 eprintln!("!!!!! SKIPPED: openssl is not installed; the openssl-based test did not run !!!!!");
                 None
             }
@@ -1416,10 +1331,7 @@ mod tests {
             .map(|a| a.as_str().expect("O"))
             .collect();
         assert_eq!(o, vec!["n-kudo-agent"]);
-        let san = cert
-            .subject_alternative_name()
-            .expect("SAN")
-            .expect("SAN present");
+        let san = cert.subject_alternative_name().expect("SAN").expect("SAN present");
         let uri = format!(
             "spiffe://nkudo/tenant/{}/site/{}/agent/{}",
             ID.tenant_id, ID.site_id, ID.agent_id
@@ -1429,10 +1341,7 @@ mod tests {
             vec![GeneralName::URI(uri.as_str())],
             "only the SPIFFE URI, nothing from the CSR"
         );
-        let eku = cert
-            .extended_key_usage()
-            .expect("EKU")
-            .expect("EKU present");
+        let eku = cert.extended_key_usage().expect("EKU").expect("EKU present");
         assert!(eku.value.client_auth);
         assert!(!eku.value.server_auth, "the CSR's EKU must be ignored");
         let ku = cert.key_usage().expect("KU").expect("KU present");
@@ -1454,28 +1363,16 @@ mod tests {
         let now = unix_now();
         let nb = cert.validity().not_before.timestamp();
         let na = cert.validity().not_after.timestamp();
-        assert!(
-            (now - 60 - 5..=now - 60 + 5).contains(&nb),
-            "not_before {nb} now {now}"
-        );
+        assert!((now - 60 - 5..=now - 60 + 5).contains(&nb), "not_before {nb} now {now}");
         let want = now + TTL.as_secs() as i64;
-        assert!(
-            (want - 5..=want + 5).contains(&na),
-            "not_after {na} want {want}"
-        );
+        assert!((want - 5..=want + 5).contains(&na), "not_after {na} want {want}");
         assert_eq!(issued.not_after_ms, na * 1000);
 
         // Signed by the agent CA.
-        assert!(
-            pki.ca.issued(&cert),
-            "agent certificate must be issued by the CA"
-        );
+        assert!(pki.ca.issued(&cert), "agent certificate must be issued by the CA");
     }
 
-    fn client_config(
-        pki_bundle_pem: &str,
-        client: Option<(&IssuedCert, &KeyPair)>,
-    ) -> Arc<ClientConfig> {
+    fn client_config(pki_bundle_pem: &str, client: Option<(&IssuedCert, &KeyPair)>) -> Arc<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pki_bundle_pem.as_bytes()) {
@@ -1506,8 +1403,7 @@ mod tests {
         server_name: &str,
     ) -> Result<Option<PeerIdentity>, String> {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
-            .map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
         let server_side = async move {
             let mut tls = TlsAcceptor::from(server)
                 .accept(server_io)
@@ -1523,12 +1419,8 @@ mod tests {
             tls.read_exact(&mut buf)
                 .await
                 .map_err(|e| format!("server read: {e}"))?;
-            tls.write_all(&buf)
-                .await
-                .map_err(|e| format!("server write: {e}"))?;
-            tls.shutdown()
-                .await
-                .map_err(|e| format!("server shutdown: {e}"))?;
+            tls.write_all(&buf).await.map_err(|e| format!("server write: {e}"))?;
+            tls.shutdown().await.map_err(|e| format!("server shutdown: {e}"))?;
             Ok::<_, String>(peer)
         };
         let client_side = async move {
@@ -1536,9 +1428,7 @@ mod tests {
                 .connect(name, client_io)
                 .await
                 .map_err(|e| format!("client handshake: {e}"))?;
-            tls.write_all(b"ping")
-                .await
-                .map_err(|e| format!("client write: {e}"))?;
+            tls.write_all(b"ping").await.map_err(|e| format!("client write: {e}"))?;
             let mut buf = [0u8; 4];
             tls.read_exact(&mut buf)
                 .await
@@ -1577,13 +1467,7 @@ mod tests {
         let cfg = dev_config(tmp.path());
         let first = Pki::load_or_create(&cfg).expect("create dev PKI");
         let dir = tmp.path().join("pki");
-        for file in [
-            "ca.crt",
-            "ca.key",
-            "server.crt",
-            "server.key",
-            "ca-bundle.pem",
-        ] {
+        for file in ["ca.crt", "ca.key", "server.crt", "server.key", "ca-bundle.pem"] {
             assert!(dir.join(file).is_file(), "{file} missing");
         }
         #[cfg(unix)]
@@ -1616,16 +1500,8 @@ mod tests {
         drop(first);
 
         let second = Pki::load_or_create(&cfg).expect("reload dev PKI");
-        assert_eq!(
-            read_string(&dir.join("ca.crt")),
-            ca_before,
-            "CA regenerated"
-        );
-        assert_eq!(
-            read_string(&dir.join("ca.key")),
-            ca_key_before,
-            "CA key regenerated"
-        );
+        assert_eq!(read_string(&dir.join("ca.crt")), ca_before, "CA regenerated");
+        assert_eq!(read_string(&dir.join("ca.key")), ca_key_before, "CA key regenerated");
         assert_eq!(
             read_string(&dir.join("server.crt")),
             server_before,
@@ -1633,9 +1509,7 @@ mod tests {
         );
         assert_eq!(second.ca_bundle_pem(), ca_before);
         // A certificate issued before the restart still chains to the reloaded CA.
-        assert!(second
-            .ca
-            .issued(&parse(first_cert_der(&issued.cert_pem).as_ref())));
+        assert!(second.ca.issued(&parse(first_cert_der(&issued.cert_pem).as_ref())));
     }
 
     #[test]
@@ -1661,10 +1535,7 @@ mod tests {
         assert_eq!(o, vec!["n-kudo"]);
         let ku = ca.key_usage().expect("KU").expect("KU present");
         assert!(ku.value.key_cert_sign() && ku.value.crl_sign());
-        assert_eq!(
-            ca.public_key().algorithm.algorithm,
-            OID_KEY_TYPE_EC_PUBLIC_KEY
-        );
+        assert_eq!(ca.public_key().algorithm.algorithm, OID_KEY_TYPE_EC_PUBLIC_KEY);
         let ca_life = ca.validity().not_after.timestamp() - unix_now();
         assert!(ca_life > 3649 * DAY_SECS && ca_life <= 3650 * DAY_SECS);
         ca.verify_signature(None).expect("CA is self-signed");
@@ -1676,10 +1547,7 @@ mod tests {
             .expect("server certificate signed by the CA");
         assert_eq!(server.issuer().as_raw(), ca.subject().as_raw());
         assert!(!server.is_ca());
-        let eku = server
-            .extended_key_usage()
-            .expect("EKU")
-            .expect("EKU present");
+        let eku = server.extended_key_usage().expect("EKU").expect("EKU present");
         assert!(eku.value.server_auth);
         let names = certificate_names(&server);
         for want in [
@@ -1813,14 +1681,8 @@ mod tests {
         let der = first_cert_der(&issued.cert_pem);
 
         let cert = parse(der.as_ref());
-        assert_eq!(
-            cert.public_key().algorithm.algorithm,
-            OID_PKCS1_RSAENCRYPTION
-        );
-        assert!(cert
-            .subject()
-            .iter_common_name()
-            .all(|cn| cn.as_str() != Ok("edge-1")));
+        assert_eq!(cert.public_key().algorithm.algorithm, OID_PKCS1_RSAENCRYPTION);
+        assert!(cert.subject().iter_common_name().all(|cn| cn.as_str() != Ok("edge-1")));
     }
 
     #[test]
@@ -1879,10 +1741,7 @@ mod tests {
         if let Some(last) = bad_sig.last_mut() {
             *last ^= 0x01;
         }
-        let subject_at = der
-            .windows(5)
-            .position(|w| w == b"admin")
-            .expect("subject CN in DER");
+        let subject_at = der.windows(5).position(|w| w == b"admin").expect("subject CN in DER");
         let mut bad_subject = der.clone();
         bad_subject[subject_at] ^= 0x01;
         for (what, tampered) in [("signature", bad_sig), ("subject", bad_subject)] {
@@ -1915,10 +1774,7 @@ mod tests {
         let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
         for (what, newkey) in [
             ("RSA 1024", vec!["-newkey", "rsa:1024"]),
-            (
-                "P-521",
-                vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
-            ),
+            ("P-521", vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"]),
         ] {
             let csr_path = tmp.path().join("weak.csr");
             let key_path = tmp.path().join("weak.key");
@@ -1926,9 +1782,7 @@ mod tests {
             let key_arg = key_path.to_string_lossy().into_owned();
             let mut args = vec!["req", "-new"];
             args.extend(newkey);
-            args.extend([
-                "-nodes", "-subj", "/CN=x", "-keyout", &key_arg, "-out", &csr_arg,
-            ]);
+            args.extend(["-nodes", "-subj", "/CN=x", "-keyout", &key_arg, "-out", &csr_arg]);
             if openssl(&args).is_none() {
                 return;
             }
@@ -1944,10 +1798,7 @@ mod tests {
         let tmp = TempDir::new("ident");
         let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("create");
         let (csr, _) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
-        let bad = AgentIdentity {
-            tenant_id: "a/b",
-            ..ID
-        };
+        let bad = AgentIdentity { tenant_id: "a/b", ..ID };
         assert!(matches!(
             pki.sign_agent_csr(&csr, &bad, TTL),
             Err(PkiError::InvalidIdentity(_))
@@ -1974,24 +1825,14 @@ mod tests {
         cfg.require_persistent = true;
         let err = Pki::load_or_create(&cfg).expect_err("must fail");
         let msg = err.to_string();
-        for var in [
-            "CA_CERT_FILE",
-            "CA_KEY_FILE",
-            "SERVER_CERT_FILE",
-            "SERVER_KEY_FILE",
-        ] {
+        for var in ["CA_CERT_FILE", "CA_KEY_FILE", "SERVER_CERT_FILE", "SERVER_KEY_FILE"] {
             assert!(msg.contains(var), "{var} not named in {msg:?}");
         }
-        assert!(
-            !tmp.path().join("pki/ca.key").exists(),
-            "no dev CA in production mode"
-        );
+        assert!(!tmp.path().join("pki/ca.key").exists(), "no dev CA in production mode");
 
         cfg.ca_cert_file = Some(tmp.path().join("ca.pem"));
         cfg.ca_key_file = Some(tmp.path().join("ca.key"));
-        let msg = Pki::load_or_create(&cfg)
-            .expect_err("must fail")
-            .to_string();
+        let msg = Pki::load_or_create(&cfg).expect_err("must fail").to_string();
         assert!(
             msg.contains("SERVER_CERT_FILE") && msg.contains("SERVER_KEY_FILE"),
             "{msg}"
@@ -2005,12 +1846,8 @@ mod tests {
     fn one_file_of_a_pair_alone_is_an_error() {
         let tmp = TempDir::new("pair");
         let cases: [(&str, &str, SetFile); 4] = [
-            ("CA_CERT_FILE", "CA_KEY_FILE", |c, p| {
-                c.ca_cert_file = Some(p)
-            }),
-            ("CA_KEY_FILE", "CA_CERT_FILE", |c, p| {
-                c.ca_key_file = Some(p)
-            }),
+            ("CA_CERT_FILE", "CA_KEY_FILE", |c, p| c.ca_cert_file = Some(p)),
+            ("CA_KEY_FILE", "CA_CERT_FILE", |c, p| c.ca_key_file = Some(p)),
             ("SERVER_CERT_FILE", "SERVER_KEY_FILE", |c, p| {
                 c.server_cert_file = Some(p)
             }),
@@ -2061,12 +1898,9 @@ mod tests {
     ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
         let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .expect("params");
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params
-            .signed_by(&key, issuer, issuer_key)
-            .expect("server cert");
+        let cert = params.signed_by(&key, issuer, issuer_key).expect("server cert");
         let cert_path = dir.join(format!("{name}.crt"));
         let key_path = dir.join(format!("{name}.key"));
         let mut chain = cert.pem();
@@ -2083,10 +1917,8 @@ mod tests {
         let tmp = TempDir::new("persist");
         let files = tmp.path().join("files");
         fs::create_dir_all(&files).expect("mkdir");
-        let (ca_crt, ca_key, _, _) =
-            write_rcgen_ca(&files, "agent-ca", &rcgen::PKCS_ECDSA_P384_SHA384);
-        let (_, _, public_ca, public_key) =
-            write_rcgen_ca(&files, "public-ca", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (ca_crt, ca_key, _, _) = write_rcgen_ca(&files, "agent-ca", &rcgen::PKCS_ECDSA_P384_SHA384);
+        let (_, _, public_ca, public_key) = write_rcgen_ca(&files, "public-ca", &rcgen::PKCS_ECDSA_P256_SHA256);
         let (srv_crt, srv_key) = write_server_cert(&files, "server", &public_ca, &public_key, true);
 
         let mut cfg = dev_config(tmp.path());
@@ -2125,9 +1957,7 @@ mod tests {
 
         let server = pki.server_tls_config().expect("server config");
         let client = client_config(pki.ca_bundle_pem(), Some((&issued, &key)));
-        let peer = handshake(server, client, "localhost")
-            .await
-            .expect("handshake");
+        let peer = handshake(server, client, "localhost").await.expect("handshake");
         assert_eq!(peer.map(|p| p.serial_hex), Some(issued.serial_hex));
     }
 
@@ -2151,11 +1981,7 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("bundle");
         assert_eq!(bundle.len(), 2);
-        assert_eq!(
-            bundle[0].as_ref(),
-            pki.ca.der.as_ref(),
-            "dev agent CA first"
-        );
+        assert_eq!(bundle[0].as_ref(), pki.ca.der.as_ref(), "dev agent CA first");
         assert_eq!(bundle[1], *cert.der());
         assert!(
             !tmp.path().join("pki/server.key").exists(),
@@ -2166,9 +1992,7 @@ mod tests {
         let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
         let client = client_config(pki.ca_bundle_pem(), Some((&issued, &agent_key)));
         let server = pki.server_tls_config().expect("config");
-        let peer = handshake(server, client, "localhost")
-            .await
-            .expect("handshake");
+        let peer = handshake(server, client, "localhost").await.expect("handshake");
         assert_eq!(peer.map(|p| p.agent_id), Some(ID.agent_id.to_string()));
     }
 
@@ -2206,14 +2030,7 @@ mod tests {
         for (what, genkey) in [
             (
                 "SEC1 P-256",
-                vec![
-                    "ecparam",
-                    "-genkey",
-                    "-name",
-                    "prime256v1",
-                    "-noout",
-                    "-out",
-                ],
+                vec!["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out"],
             ),
             (
                 "SEC1 P-384",
@@ -2278,15 +2095,7 @@ mod tests {
             let agent_path = tmp.path().join("agent.crt");
             fs::write(&agent_path, &issued.cert_pem).expect("write");
             let agent_arg = agent_path.to_string_lossy().into_owned();
-            openssl(&[
-                "verify",
-                "-CAfile",
-                &crt_arg,
-                "-purpose",
-                "sslclient",
-                &agent_arg,
-            ])
-            .expect("openssl verify");
+            openssl(&["verify", "-CAfile", &crt_arg, "-purpose", "sslclient", &agent_arg]).expect("openssl verify");
 
             let server = pki.server_tls_config().expect("config");
             let client = client_config(pki.ca_bundle_pem(), Some((&issued, &key)));
@@ -2306,13 +2115,7 @@ mod tests {
         let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
 
         // Agent certificate from our CA, every name of the server certificate.
-        for name in [
-            "localhost",
-            "cp.example.com",
-            "127.0.0.1",
-            "::1",
-            "10.1.2.3",
-        ] {
+        for name in ["localhost", "cp.example.com", "127.0.0.1", "::1", "10.1.2.3"] {
             let client = client_config(pki.ca_bundle_pem(), Some((&issued, &key)));
             let peer = handshake(Arc::clone(&server), client, name)
                 .await
@@ -2386,12 +2189,8 @@ mod tests {
         let tmp = TempDir::new("names");
         let mut cfg = dev_config(tmp.path());
         cfg.server_names = vec!["not a host name".to_string()];
-        assert!(matches!(
-            Pki::load_or_create(&cfg),
-            Err(PkiError::InvalidServerName(_))
-        ));
-        let names = required_server_names(&["[::1]".to_string(), " Example.COM ".to_string()])
-            .expect("names");
+        assert!(matches!(Pki::load_or_create(&cfg), Err(PkiError::InvalidServerName(_))));
+        let names = required_server_names(&["[::1]".to_string(), " Example.COM ".to_string()]).expect("names");
         assert_eq!(
             names,
             vec![

@@ -57,11 +57,10 @@ pub async fn sweep_offline(state: &SharedState) -> Result<usize, sqlx::Error> {
 
 /// Recomputes `nkudo_agents_by_version` from the database.
 pub async fn refresh_version_gauge(state: &SharedState) -> Result<(), sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT agent_version, COUNT(*) FROM agents WHERE revoked_at IS NULL GROUP BY agent_version",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
+    let rows =
+        sqlx::query("SELECT agent_version, COUNT(*) FROM agents WHERE revoked_at IS NULL GROUP BY agent_version")
+            .fetch_all(&state.db.pool)
+            .await?;
     let gauge = &state.metrics.agents_by_version;
     gauge.reset();
     for r in rows {
@@ -79,7 +78,11 @@ pub async fn refresh_version_gauge(state: &SharedState) -> Result<(), sqlx::Erro
 pub async fn run(state: SharedState, mut shutdown: watch::Receiver<bool>) {
     let mut flush = tokio::time::interval(state.cfg.heartbeat_flush_interval);
     let sweep_every = state.cfg.offline_sweep_interval;
-    let mut sweep = tokio::time::interval(if sweep_every.is_zero() { Duration::from_secs(3600) } else { sweep_every });
+    let mut sweep = tokio::time::interval(if sweep_every.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        sweep_every
+    });
     let mut cache = tokio::time::interval(Duration::from_secs(1));
     let mut gauge = tokio::time::interval(Duration::from_secs(15));
     for t in [&mut flush, &mut sweep, &mut cache, &mut gauge] {

@@ -61,9 +61,7 @@ pub fn minimum_supported_agent_version(control_plane: &Version) -> Version {
 /// Whether an agent of version `agent` is supported by a control plane of version `control_plane`:
 /// same major and a minor of N or N-1 (pre-releases count by their major and minor).
 pub fn is_agent_supported(control_plane: &Version, agent: &Version) -> bool {
-    agent.major == control_plane.major
-        && agent.minor <= control_plane.minor
-        && agent.minor + 1 >= control_plane.minor
+    agent.major == control_plane.major && agent.minor <= control_plane.minor && agent.minor + 1 >= control_plane.minor
 }
 
 /// Like [`is_agent_supported`] for a version string as an agent reports it; a version that does not parse
@@ -101,7 +99,10 @@ mod tests {
         assert!(is_agent_supported(&cp, &v("1.4.0")));
         assert!(is_agent_supported(&cp, &v("1.4.0-pre.1+abc")));
         assert!(!is_agent_supported(&cp, &v("1.3.99")));
-        assert!(!is_agent_supported(&cp, &v("1.6.0")), "an agent newer than the control plane");
+        assert!(
+            !is_agent_supported(&cp, &v("1.6.0")),
+            "an agent newer than the control plane"
+        );
         assert!(!is_agent_supported(&cp, &v("2.5.0")), "another major");
         assert!(!is_agent_supported(&cp, &v("0.5.0")), "another major");
     }

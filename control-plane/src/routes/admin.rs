@@ -20,7 +20,8 @@ const MAX_KEY_LIFETIME_SECS: i64 = 10 * 365 * 86_400;
 fn valid_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -42,7 +43,9 @@ pub async fn create_tenant(
         ));
     }
     if name.len() > MAX_NAME {
-        return Err(ApiError::validation(format!("name must be at most {MAX_NAME} characters")));
+        return Err(ApiError::validation(format!(
+            "name must be at most {MAX_NAME} characters"
+        )));
     }
     let region = req
         .primary_region
@@ -130,7 +133,9 @@ pub async fn create_api_key(
     let name = match req.name.trim() {
         "" => "default".to_string(),
         n if n.len() > MAX_NAME => {
-            return Err(ApiError::validation(format!("name must be at most {MAX_NAME} characters")))
+            return Err(ApiError::validation(format!(
+                "name must be at most {MAX_NAME} characters"
+            )))
         }
         n => n.to_string(),
     };

@@ -53,7 +53,9 @@ fn snapshot(vm: &MicroVmReport) -> ApiResult<Option<VmSnapshot>> {
         return Ok(None); // as the reference does: entries without an id are skipped
     }
     if id.len() > 128 || vm.name.len() > MAX_TEXT {
-        return Err(ApiError::validation("microvm id must be at most 128 and name at most 255 characters"));
+        return Err(ApiError::validation(
+            "microvm id must be at most 128 and name at most 255 characters",
+        ));
     }
     let raw_state = vm.state.as_deref().or(vm.status.as_deref()).unwrap_or("CREATING");
     let Some(state) = normalize_vm_state(raw_state) else {
@@ -63,7 +65,11 @@ fn snapshot(vm: &MicroVmReport) -> ApiResult<Option<VmSnapshot>> {
     let positive = |v: Option<i64>| v.filter(|n| *n > 0);
     Ok(Some(VmSnapshot {
         id: id.to_string(),
-        name: if vm.name.trim().is_empty() { id.to_string() } else { vm.name.trim().to_string() },
+        name: if vm.name.trim().is_empty() {
+            id.to_string()
+        } else {
+            vm.name.trim().to_string()
+        },
         state,
         vcpu_count: positive(vm.vcpu_count),
         memory_mib: positive(vm.memory_mib),
@@ -85,10 +91,14 @@ pub async fn heartbeat(
     let started = Instant::now();
     check_agent_id(&auth, hb.agent_id.as_deref())?;
     if hb.microvms.len() > MAX_VMS {
-        return Err(ApiError::validation(format!("at most {MAX_VMS} microvms per heartbeat")));
+        return Err(ApiError::validation(format!(
+            "at most {MAX_VMS} microvms per heartbeat"
+        )));
     }
     let facts = hb.host_facts;
-    let kvm_from_facts = facts.as_ref().map(|f| f.kvm.present && f.kvm.readable && f.kvm.writable);
+    let kvm_from_facts = facts
+        .as_ref()
+        .map(|f| f.kvm.present && f.kvm.readable && f.kvm.writable);
     let storage_from_facts = facts.as_ref().filter(|f| !f.disks.is_empty()).map(|f| {
         // Count each filesystem once, even when several mount points share it (reference bug 35).
         let mut seen = std::collections::HashSet::new();
@@ -187,7 +197,10 @@ pub async fn renew(
             .fetch_optional(&state.db.pool)
             .await?;
         if !stored.is_some_and(|h| secret_eq(&h, &sha256_hex(token.as_bytes()))) {
-            return Err(ApiError::unauthorized(ErrorCode::InvalidRefreshToken, "invalid refresh token"));
+            return Err(ApiError::unauthorized(
+                ErrorCode::InvalidRefreshToken,
+                "invalid refresh token",
+            ));
         }
     }
     let pki_state = state.clone();

@@ -26,7 +26,11 @@ fn refuse(state: &SharedState, result: &'static str, err: ApiError) -> ApiError 
 
 /// A CSR the client got wrong: 400 `INVALID_CSR` with the reason.
 pub fn csr_error(e: &PkiError) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidCsr, format!("invalid csr: {e}"))
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidCsr,
+        format!("invalid csr: {e}"),
+    )
 }
 
 fn validate(req: &EnrollRequest) -> Result<String, ApiError> {
@@ -36,10 +40,14 @@ fn validate(req: &EnrollRequest) -> Result<String, ApiError> {
         req.hostname.trim()
     };
     if req.enrollment_token.trim().is_empty() || req.csr_pem.trim().is_empty() || hostname.is_empty() {
-        return Err(ApiError::validation("enrollment_token, hostname and csr_pem are required"));
+        return Err(ApiError::validation(
+            "enrollment_token, hostname and csr_pem are required",
+        ));
     }
     if hostname.len() > 253 || hostname.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(ApiError::validation("hostname must be at most 253 characters without spaces"));
+        return Err(ApiError::validation(
+            "hostname must be at most 253 characters without spaces",
+        ));
     }
     for (field, v) in [
         ("agent_version", &req.agent_version),
@@ -48,18 +56,27 @@ fn validate(req: &EnrollRequest) -> Result<String, ApiError> {
         ("kernel_version", &req.kernel_version),
     ] {
         if v.len() > MAX_FIELD {
-            return Err(ApiError::validation(format!("{field} must be at most {MAX_FIELD} characters")));
+            return Err(ApiError::validation(format!(
+                "{field} must be at most {MAX_FIELD} characters"
+            )));
         }
     }
     if req.labels.len() > MAX_LABELS
-        || req.labels.iter().any(|(k, v)| k.len() > MAX_FIELD || v.len() > MAX_FIELD)
+        || req
+            .labels
+            .iter()
+            .any(|(k, v)| k.len() > MAX_FIELD || v.len() > MAX_FIELD)
     {
         return Err(ApiError::validation("too many or too long labels"));
     }
     Ok(hostname.to_string())
 }
 
-pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, request: Request) -> ApiResult<Json<EnrollResponse>> {
+pub async fn enroll(
+    State(state): State<SharedState>,
+    ctx: RequestCtx,
+    request: Request,
+) -> ApiResult<Json<EnrollResponse>> {
     if let Some(remote) = ctx.remote {
         if let Err(wait) = state.enroll_limiter.check(remote.ip()) {
             let mut e = ApiError::new(
@@ -71,19 +88,20 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, request: 
             return Err(refuse(&state, "rate_limited", e));
         }
     }
-    let body = read_body(request, &()).await.map_err(|e| refuse(&state, "invalid_request", e))?;
+    let body = read_body(request, &())
+        .await
+        .map_err(|e| refuse(&state, "invalid_request", e))?;
     let req: EnrollRequest = parse_json(&body).map_err(|e| refuse(&state, "invalid_request", e))?;
     let hostname = validate(&req).map_err(|e| refuse(&state, "invalid_request", e))?;
     let token_hash = sha256_hex(req.enrollment_token.trim().as_bytes());
     let now = now_ms();
 
     // 1. Look the token up, so the common failures answer precisely and nothing is signed for them.
-    let token = sqlx::query(
-        "SELECT id, tenant_id, site_id, expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1",
-    )
-    .bind(&token_hash)
-    .fetch_optional(&state.db.pool)
-    .await?;
+    let token =
+        sqlx::query("SELECT id, tenant_id, site_id, expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1")
+            .bind(&token_hash)
+            .fetch_optional(&state.db.pool)
+            .await?;
     let Some(token) = token else {
         return Err(refuse(
             &state,
@@ -114,7 +132,12 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, request: 
     let agent_id = new_id();
     let ttl = state.cfg.agent_cert_ttl;
     let pki_state = state.clone();
-    let (csr, t, s, a) = (req.csr_pem.clone(), tenant_id.clone(), site_id.clone(), agent_id.clone());
+    let (csr, t, s, a) = (
+        req.csr_pem.clone(),
+        tenant_id.clone(),
+        site_id.clone(),
+        agent_id.clone(),
+    );
     let issued = tokio::task::spawn_blocking(move || {
         pki_state.pki.sign_agent_csr(
             &csr,
@@ -177,7 +200,11 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, request: 
     .bind(&host_id)
     .fetch_all(&mut *tx)
     .await?;
-    let version = if req.agent_version.trim().is_empty() { "unknown" } else { req.agent_version.trim() };
+    let version = if req.agent_version.trim().is_empty() {
+        "unknown"
+    } else {
+        req.agent_version.trim()
+    };
     let os = if req.os.trim().is_empty() {
         req.labels.get("os").map(String::as_str).unwrap_or("linux")
     } else {
@@ -211,11 +238,13 @@ pub async fn enroll(State(state): State<SharedState>, ctx: RequestCtx, request: 
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE sites SET connectivity_state = 'ONLINE', last_heartbeat_at = $1, updated_at = $1 WHERE id = $2")
-        .bind(now)
-        .bind(&site_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE sites SET connectivity_state = 'ONLINE', last_heartbeat_at = $1, updated_at = $1 WHERE id = $2",
+    )
+    .bind(now)
+    .bind(&site_id)
+    .execute(&mut *tx)
+    .await?;
     let ev = AuditEvent::new(&tenant_id, "agent.enroll", "agent", &agent_id)
         .actor("AGENT", Some(&agent_id))
         .site(&site_id)

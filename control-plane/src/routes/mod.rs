@@ -30,14 +30,20 @@ pub fn router(state: SharedState) -> Router {
             post(admin::create_api_key).get(tenant::list_api_keys),
         )
         // tenant
-        .route("/tenants/{tenant_id}/sites", post(tenant::create_site).get(tenant::list_sites))
+        .route(
+            "/tenants/{tenant_id}/sites",
+            post(tenant::create_site).get(tenant::list_sites),
+        )
         .route("/tenants/{tenant_id}/api-keys/{key_id}", delete(tenant::delete_api_key))
         .route(
             "/tenants/{tenant_id}/enrollment-tokens",
             post(tenant::create_enrollment_token).get(tenant::list_enrollment_tokens),
         )
         .route("/tenants/{tenant_id}/agents", get(tenant::list_agents))
-        .route("/tenants/{tenant_id}/agents/{agent_id}/revoke", post(tenant::revoke_agent))
+        .route(
+            "/tenants/{tenant_id}/agents/{agent_id}/revoke",
+            post(tenant::revoke_agent),
+        )
         .route("/sites/{site_id}/hosts", get(tenant::list_hosts))
         // enrollment (token) and agents (mTLS)
         .route("/enroll", post(enroll::enroll))

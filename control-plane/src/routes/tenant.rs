@@ -231,7 +231,10 @@ pub async fn list_agents(
     .bind(&auth.tenant_id)
     .fetch_all(&state.db.pool)
     .await?;
-    let agents = rows.iter().map(|r| agent_from_row(&state, r)).collect::<Result<Vec<_>, _>>()?;
+    let agents = rows
+        .iter()
+        .map(|r| agent_from_row(&state, r))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(AgentsResponse { agents }))
 }
 
@@ -386,15 +389,14 @@ pub async fn delete_api_key(
     let key_id = path_id("api key", &key_id)?;
     let now = now_ms();
     let mut tx = state.db.pool.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL",
-    )
-    .bind(now)
-    .bind(key_id)
-    .bind(&auth.tenant_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let updated =
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(key_id)
+            .bind(&auth.tenant_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
     if updated == 0 {
         return Err(ApiError::not_found("api key"));
     }
