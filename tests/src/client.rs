@@ -4,9 +4,8 @@ use crate::csr::make_csr;
 use crate::harness::ControlPlane;
 use anyhow::{bail, Context};
 use nkudo_core::api::{
-    ApiKeyCreated, CreateApiKeyRequest, CreateEnrollmentTokenRequest, CreateSiteRequest,
-    CreateTenantRequest, EnrollRequest, EnrollResponse, EnrollmentTokenCreated, ErrorBody, Site,
-    Tenant,
+    ApiKeyCreated, CreateApiKeyRequest, CreateEnrollmentTokenRequest, CreateSiteRequest, CreateTenantRequest,
+    EnrollRequest, EnrollResponse, EnrollmentTokenCreated, ErrorBody, Site, Tenant,
 };
 use reqwest::{header, Client, ClientBuilder, Response, StatusCode};
 use std::future::Future;
@@ -20,8 +19,7 @@ pub const TEST_AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A client builder whose ONLY trust roots are the certificates of the control plane's CA bundle.
 pub fn client_builder(cp: &ControlPlane) -> ClientBuilder {
-    let roots = reqwest::Certificate::from_pem_bundle(cp.ca_bundle_pem.as_bytes())
-        .expect("parse CA bundle PEM");
+    let roots = reqwest::Certificate::from_pem_bundle(cp.ca_bundle_pem.as_bytes()).expect("parse CA bundle PEM");
     assert!(
         !roots.is_empty(),
         "CA bundle {} holds no certificate",
@@ -40,10 +38,7 @@ pub fn client_builder(cp: &ControlPlane) -> ClientBuilder {
 
 fn with_header(b: ClientBuilder, name: &'static str, value: &str) -> ClientBuilder {
     let mut h = header::HeaderMap::new();
-    h.insert(
-        name,
-        header::HeaderValue::from_str(value).expect("header value"),
-    );
+    h.insert(name, header::HeaderValue::from_str(value).expect("header value"));
     b.default_headers(h)
 }
 
@@ -70,19 +65,13 @@ pub fn tenant(cp: &ControlPlane, api_key: &str) -> Client {
 pub fn agent_client(cp: &ControlPlane, cert_pem: &str, key_pem: &str) -> Client {
     let pem = format!("{}\n{}\n", cert_pem.trim_end(), key_pem.trim_end());
     let id = reqwest::Identity::from_pem(pem.as_bytes()).expect("client identity from PEM");
-    client_builder(cp)
-        .identity(id)
-        .build()
-        .expect("build agent client")
+    client_builder(cp).identity(id).build().expect("build agent client")
 }
 
 /// Like [`anon`], but HTTP/1.1 only, as the earlier Go agent speaks (its custom `http.Transport` with a
 /// `TLSClientConfig` does not negotiate HTTP/2).
 pub fn anon_http1(cp: &ControlPlane) -> Client {
-    client_builder(cp)
-        .http1_only()
-        .build()
-        .expect("build HTTP/1.1 client")
+    client_builder(cp).http1_only().build().expect("build HTTP/1.1 client")
 }
 
 /// Like [`agent_client`], but HTTP/1.1 only (the earlier Go agent's transport).
@@ -142,10 +131,7 @@ pub async fn expect_json<T: serde::de::DeserializeOwned>(
     what: &str,
 ) -> anyhow::Result<T> {
     let status = resp.status();
-    let body = resp
-        .text()
-        .await
-        .with_context(|| format!("{what}: read body"))?;
+    let body = resp.text().await.with_context(|| format!("{what}: read body"))?;
     if status != want {
         bail!("{what}: expected {want}, got {status}: {body}");
     }
@@ -183,12 +169,7 @@ pub async fn create_api_key(cp: &ControlPlane, tenant_id: &str) -> anyhow::Resul
 }
 
 /// `POST /tenants/{id}/sites`.
-pub async fn create_site(
-    cp: &ControlPlane,
-    api_key: &str,
-    tenant_id: &str,
-    name: &str,
-) -> anyhow::Result<Site> {
+pub async fn create_site(cp: &ControlPlane, api_key: &str, tenant_id: &str, name: &str) -> anyhow::Result<Site> {
     let req = CreateSiteRequest {
         name: name.to_string(),
         ..Default::default()
@@ -218,25 +199,14 @@ pub async fn issue_token(
         .json(&req)
         .send()
         .await?;
-    expect_json(
-        resp,
-        StatusCode::CREATED,
-        "POST /tenants/{id}/enrollment-tokens",
-    )
-    .await
+    expect_json(resp, StatusCode::CREATED, "POST /tenants/{id}/enrollment-tokens").await
 }
 
 /// Tenant (unique slug) + API key + site.
 pub async fn bootstrap(cp: &ControlPlane) -> anyhow::Result<Fixture> {
     let tenant = create_tenant(cp).await?;
     let key = create_api_key(cp, &tenant.id).await?;
-    let site = create_site(
-        cp,
-        &key.api_key,
-        &tenant.id,
-        &format!("site-{}", short_id()),
-    )
-    .await?;
+    let site = create_site(cp, &key.api_key, &tenant.id, &format!("site-{}", short_id())).await?;
     Ok(Fixture {
         tenant,
         api_key: key.api_key,
@@ -269,11 +239,7 @@ pub async fn enroll(cp: &ControlPlane, token: &str, csr_pem: &str) -> Response {
 }
 
 /// Issues a token for the fixture's site, makes a key + CSR and enrolls (`POST /v1/enroll`).
-pub async fn enroll_agent(
-    cp: &ControlPlane,
-    fx: &Fixture,
-    hostname: &str,
-) -> anyhow::Result<EnrolledAgent> {
+pub async fn enroll_agent(cp: &ControlPlane, fx: &Fixture, hostname: &str) -> anyhow::Result<EnrolledAgent> {
     let token = issue_token(cp, &fx.api_key, fx.tenant_id(), fx.site_id(), None).await?;
     let (key_pem, csr_pem) = make_csr(hostname);
     let resp = anon(cp)
@@ -300,10 +266,7 @@ pub async fn expect_error(resp: Response, status: StatusCode, code: &str) -> Err
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let body = resp
-        .text()
-        .await
-        .unwrap_or_else(|e| format!("<unreadable body: {e}>"));
+    let body = resp.text().await.unwrap_or_else(|e| format!("<unreadable body: {e}>"));
     assert_eq!(
         got_status, status,
         "{url}: expected status {status} ({code}), got {got_status}; body: {body}"

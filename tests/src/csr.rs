@@ -2,8 +2,8 @@
 
 use anyhow::{bail, Context};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use std::path::Path;
 use std::process::Command;
@@ -36,9 +36,7 @@ pub fn openssl_rsa_csr(dir: &Path, hostname: &str) -> anyhow::Result<(String, St
     let key = dir.join("rsa.key");
     let csr = dir.join("rsa.csr");
     let out = Command::new("openssl")
-        .args([
-            "req", "-new", "-newkey", "rsa:4096", "-nodes", "-sha256", "-keyout",
-        ])
+        .args(["req", "-new", "-newkey", "rsa:4096", "-nodes", "-sha256", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&csr)
@@ -46,10 +44,7 @@ pub fn openssl_rsa_csr(dir: &Path, hostname: &str) -> anyhow::Result<(String, St
         .output()
         .context("run openssl req")?;
     if !out.status.success() {
-        bail!(
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok((std::fs::read_to_string(key)?, std::fs::read_to_string(csr)?))
 }
@@ -100,17 +95,14 @@ impl TestCa {
         if let Some(s) = serial {
             params.serial_number = Some(SerialNumber::from(s));
         }
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("sign leaf");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
         (key.serialize_pem(), cert.pem())
     }
 
     /// A server certificate for `127.0.0.1` and `localhost` (EKU serverAuth). Returns `(key_pem, cert_pem)`.
     pub fn issue_server_cert(&self) -> (String, String) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("server key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
@@ -120,9 +112,7 @@ impl TestCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("sign server cert");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign server cert");
         (key.serialize_pem(), cert.pem())
     }
 }
@@ -158,10 +148,7 @@ pub fn pem_certs_der(pem: &str) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 fn first_cert_der(pem: &str) -> anyhow::Result<Vec<u8>> {
-    pem_certs_der(pem)?
-        .into_iter()
-        .next()
-        .context("no CERTIFICATE in PEM")
+    pem_certs_der(pem)?.into_iter().next().context("no CERTIFICATE in PEM")
 }
 
 /// Parses the first certificate of `pem`.
@@ -182,11 +169,10 @@ pub fn inspect_cert(pem: &str) -> anyhow::Result<CertInfo> {
             }
         }
     }
-    let (eku_client_auth, eku_server_auth) =
-        match cert.extended_key_usage().context("EKU extension")? {
-            Some(e) => (e.value.client_auth, e.value.server_auth),
-            None => (false, false),
-        };
+    let (eku_client_auth, eku_server_auth) = match cert.extended_key_usage().context("EKU extension")? {
+        Some(e) => (e.value.client_auth, e.value.server_auth),
+        None => (false, false),
+    };
     let is_ca = cert
         .basic_constraints()
         .ok()
@@ -236,10 +222,7 @@ pub fn verify_chain(leaf_pem: &str, bundle_pem: &str) -> anyhow::Result<usize> {
     for depth in 1..=8 {
         let issuer = bundle
             .iter()
-            .find(|c| {
-                c.subject() == current.issuer()
-                    && current.verify_signature(Some(c.public_key())).is_ok()
-            })
+            .find(|c| c.subject() == current.issuer() && current.verify_signature(Some(c.public_key())).is_ok())
             .with_context(|| {
                 format!(
                     "no certificate in the bundle signed {} (issuer {})",

@@ -40,10 +40,7 @@ pub fn in_ci() -> bool {
 
 /// The name of the running test (libtest names the test thread after the test).
 pub fn current_test_name() -> String {
-    std::thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_string()
+    std::thread::current().name().unwrap_or("<unnamed test>").to_string()
 }
 
 /// Prints a skip notice straight to the process's stderr (bypassing libtest's output capture, so it is seen).
@@ -82,10 +79,7 @@ impl Drop for DbHandle {
         };
         // Drop may run inside a tokio runtime: do the async work on a separate thread with its own runtime.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async move {
@@ -144,13 +138,8 @@ pub async fn database_url(backend: Backend) -> anyhow::Result<Option<DbHandle>> 
             pg_cleanup: None,
         })),
         Backend::Postgres => {
-            let admin_url =
-                std::env::var("NKUDO_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
-            let conn = tokio::time::timeout(
-                Duration::from_secs(10),
-                sqlx::PgConnection::connect(&admin_url),
-            )
-            .await;
+            let admin_url = std::env::var("NKUDO_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+            let conn = tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&admin_url)).await;
             let mut conn = match conn {
                 Ok(Ok(c)) => c,
                 other => {
@@ -160,9 +149,7 @@ pub async fn database_url(backend: Backend) -> anyhow::Result<Option<DbHandle>> 
                         Ok(Ok(_)) => unreachable!(),
                     };
                     if in_ci() {
-                        bail!(
-                            "postgres unavailable at {admin_url} (CI=true, so this fails): {why}"
-                        );
+                        bail!("postgres unavailable at {admin_url} (CI=true, so this fails): {why}");
                     }
                     print_skip("postgres unavailable");
                     return Ok(None);

@@ -52,10 +52,7 @@ pub fn bin_path(name: &str) -> PathBuf {
         Some(d) => PathBuf::from(d),
         None => {
             let exe = std::env::current_exe().expect("current_exe");
-            let mut dir = exe
-                .parent()
-                .expect("executable has a parent directory")
-                .to_path_buf();
+            let mut dir = exe.parent().expect("executable has a parent directory").to_path_buf();
             if dir.file_name().is_some_and(|n| n == "deps") {
                 dir.pop();
             }
@@ -97,10 +94,7 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "keeping {} for inspection (test panicked)",
-                self.path.display()
-            );
+            eprintln!("keeping {} for inspection (test panicked)", self.path.display());
             return;
         }
         if std::env::var_os("NKUDO_TEST_KEEP").is_some_and(|v| !v.is_empty() && v != "0") {
@@ -280,11 +274,7 @@ impl Prepared {
         };
         let stdout = t_out.join().unwrap_or_default();
         let stderr = t_err.join().unwrap_or_default();
-        Ok(Output {
-            status,
-            stdout,
-            stderr,
-        })
+        Ok(Output { status, stdout, stderr })
     }
 
     /// Starts the control plane and waits for its `listening:` line.
@@ -423,10 +413,7 @@ impl ControlPlane {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let stderr_path = self.prepared.stderr_path();
-        let stderr = File::options()
-            .create(true)
-            .append(true)
-            .open(&stderr_path)?;
+        let stderr = File::options().create(true).append(true).open(&stderr_path)?;
         let stderr_start = stderr.metadata()?.len();
         let mut cmd = self.prepared.command(std::iter::empty::<&str>());
         cmd.stdout(Stdio::piped()).stderr(Stdio::from(stderr));
@@ -492,9 +479,7 @@ impl ControlPlane {
         };
         if !listening.starts_with("https://") {
             self.kill();
-            bail!(ctx(&format!(
-                "`listening:` is not an https URL: {listening}"
-            )));
+            bail!(ctx(&format!("`listening:` is not an https URL: {listening}")));
         }
         let Some(ca_bundle) = ca_bundle else {
             self.kill();
@@ -508,20 +493,15 @@ impl ControlPlane {
         match &self.prepared.builder.admin_key {
             Some(k) => self.admin_key = k.clone(),
             None => {
-                let line = admin_line.ok_or_else(|| {
-                    anyhow!(ctx("no `admin key:` line although the key is generated"))
-                })?;
+                let line =
+                    admin_line.ok_or_else(|| anyhow!(ctx("no `admin key:` line although the key is generated")))?;
                 self.admin_key = match line.strip_prefix("stored in ") {
                     Some(path) => std::fs::read_to_string(path.trim())
                         .with_context(|| format!("read admin key file {path}"))?
                         .trim()
                         .to_string(),
                     // `admin key: <key>`; tolerate a trailing remark such as "(generated once; stored in …)".
-                    None => line
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
+                    None => line.split_whitespace().next().unwrap_or_default().to_string(),
                 };
             }
         }
@@ -537,9 +517,7 @@ impl ControlPlane {
                     self.child = None;
                     return Some(st);
                 }
-                Ok(None) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
                 _ => return None,
             }
         }

@@ -40,26 +40,20 @@ impl RawResponse {
 
 impl RawConn {
     /// Connects to the control plane, presenting `identity` = `(cert_pem, key_pem)` when given.
-    pub async fn connect(
-        cp: &ControlPlane,
-        identity: Option<(&str, &str)>,
-    ) -> anyhow::Result<RawConn> {
+    pub async fn connect(cp: &ControlPlane, identity: Option<(&str, &str)>) -> anyhow::Result<RawConn> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(cp.ca_bundle_pem.as_bytes()) {
             roots.add(c.context("CA bundle PEM")?).context("add root")?;
         }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
         let mut config = match identity {
             Some((cert_pem, key_pem)) => {
                 let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
                     .collect::<Result<Vec<_>, _>>()
                     .context("client cert PEM")?;
-                let key =
-                    PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("client key PEM")?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("client key PEM")?;
                 builder.with_client_auth_cert(certs, key)?
             }
             None => builder.with_no_client_auth(),
@@ -71,8 +65,7 @@ impl RawConn {
             .context("base_url is not https")?
             .to_string();
         let (ip, _port) = host.rsplit_once(':').context("base_url without port")?;
-        let server_name =
-            ServerName::try_from(ip.trim_start_matches('[').trim_end_matches(']').to_string())?;
+        let server_name = ServerName::try_from(ip.trim_start_matches('[').trim_end_matches(']').to_string())?;
         let tcp = TcpStream::connect(&host)
             .await
             .with_context(|| format!("connect {host}"))?;
@@ -124,11 +117,7 @@ impl RawConn {
     }
 
     /// `POST path` with a JSON body.
-    pub async fn post_json(
-        &mut self,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> anyhow::Result<RawResponse> {
+    pub async fn post_json(&mut self, path: &str, body: &serde_json::Value) -> anyhow::Result<RawResponse> {
         let b = serde_json::to_vec(body)?;
         self.request("POST", path, &[], Some(&b)).await
     }
@@ -187,8 +176,7 @@ impl RawConn {
                     self.fill().await?;
                 };
                 let size_line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
-                let size =
-                    usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)?;
+                let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)?;
                 self.buf.drain(..line_end + 2);
                 while self.buf.len() < size + 2 {
                     self.fill().await?;
@@ -203,11 +191,7 @@ impl RawConn {
         } else {
             Vec::new()
         };
-        Ok(RawResponse {
-            status,
-            headers,
-            body,
-        })
+        Ok(RawResponse { status, headers, body })
     }
 }
 

@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use nkudo_core::api::{
-    Agent, AgentsResponse, EnrollResponse, HeartbeatResponse, HostsResponse, RenewRequest,
-    RenewResponse, RevokeAgentRequest, SitesResponse,
+    Agent, AgentsResponse, EnrollResponse, HeartbeatResponse, HostsResponse, RenewRequest, RenewResponse,
+    RevokeAgentRequest, SitesResponse,
 };
 use nkudo_core::version;
 use nkudo_tests::*;
@@ -50,13 +50,7 @@ async fn post_heartbeat(
 }
 
 /// Checks an issued agent certificate against the contract; returns its info.
-fn check_agent_cert(
-    cp: &ControlPlane,
-    cert_pem: &str,
-    csr_pem: &str,
-    enr: &EnrollResponse,
-    ttl_secs: i64,
-) -> CertInfo {
+fn check_agent_cert(cp: &ControlPlane, cert_pem: &str, csr_pem: &str, enr: &EnrollResponse, ttl_secs: i64) -> CertInfo {
     let info = inspect_cert(cert_pem).expect("parse issued certificate");
     assert_eq!(
         info.subject_cn.as_deref(),
@@ -89,10 +83,7 @@ fn check_agent_cert(
         "not_after {} is not now + AGENT_CERT_TTL ({expected_not_after})",
         info.not_after
     );
-    assert!(
-        info.not_before <= now_secs() + 5,
-        "not_before in the future"
-    );
+    assert!(info.not_before <= now_secs() + 5, "not_before in the future");
     assert!(
         (rfc3339_secs(&enr.certificate_expires_at) - info.not_after).abs() <= 1,
         "certificate_expires_at {} != certificate not_after {}",
@@ -154,16 +145,13 @@ async fn enroll_and_heartbeat(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(a.agent_version, TEST_AGENT_VERSION);
     assert!(a.revoked_at.is_none());
     assert!(
-        [
-            cert_info.serial_decimal.as_str(),
-            cert_info.serial_hex.as_str()
-        ]
-        .iter()
-        .any(|s| a
-            .cert_serial
-            .trim_start_matches("0x")
-            .trim_start_matches('0')
-            .eq_ignore_ascii_case(s.trim_start_matches('0'))),
+        [cert_info.serial_decimal.as_str(), cert_info.serial_hex.as_str()]
+            .iter()
+            .any(|s| a
+                .cert_serial
+                .trim_start_matches("0x")
+                .trim_start_matches('0')
+                .eq_ignore_ascii_case(s.trim_start_matches('0'))),
         "agent cert_serial {:?} matches neither {} nor {}",
         a.cert_serial,
         cert_info.serial_decimal,
@@ -176,12 +164,8 @@ async fn enroll_and_heartbeat(backend: Backend) -> anyhow::Result<()> {
     for path in ["/v1/heartbeat", "/agents/heartbeat"] {
         let r = post_heartbeat(&agent, &cp, path, &body).await;
         let hb: HeartbeatResponse = expect_json(r, StatusCode::OK, path).await?;
-        assert_eq!(
-            hb.next_heartbeat_seconds, 7,
-            "{path}: next_heartbeat_seconds"
-        );
-        let cp_version =
-            version::parse(&hb.control_plane_version).context("control_plane_version")?;
+        assert_eq!(hb.next_heartbeat_seconds, 7, "{path}: next_heartbeat_seconds");
+        let cp_version = version::parse(&hb.control_plane_version).context("control_plane_version")?;
         assert_eq!(
             hb.minimum_supported_agent_version,
             version::minimum_supported_agent_version(&cp_version).to_string(),
@@ -235,8 +219,7 @@ async fn enroll_and_heartbeat(backend: Backend) -> anyhow::Result<()> {
     let sites_url = cp.url(&format!("/tenants/{}/sites", fx.tenant_id()));
     let site = poll_until(POLL, "site ONLINE", || async {
         let r = tc.get(&sites_url).send().await?;
-        let sites: SitesResponse =
-            expect_json(r, StatusCode::OK, "GET /tenants/{id}/sites").await?;
+        let sites: SitesResponse = expect_json(r, StatusCode::OK, "GET /tenants/{id}/sites").await?;
         Ok(sites
             .sites
             .into_iter()
@@ -281,11 +264,7 @@ async fn legacy_agent_rsa_enrollment(backend: Backend) -> anyhow::Result<()> {
         "bootstrap_nonce": "1700000000123456789"
     });
     // The earlier agent speaks HTTP/1.1 (its Go transport has a custom TLS config, so no HTTP/2).
-    let r = anon_http1(&cp)
-        .post(cp.url("/v1/enroll"))
-        .json(&body)
-        .send()
-        .await?;
+    let r = anon_http1(&cp).post(cp.url("/v1/enroll")).json(&body).send().await?;
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     let enr: EnrollResponse = expect_json(
         r,
@@ -297,33 +276,12 @@ async fn legacy_agent_rsa_enrollment(backend: Backend) -> anyhow::Result<()> {
 
     // mTLS with the RSA key, over HTTP/1.1, twice on the same keep-alive connection.
     let agent = legacy_agent_client(&cp, &enr.client_certificate_pem, &key_pem);
-    let r = post_heartbeat(
-        &agent,
-        &cp,
-        "/v1/heartbeat",
-        &legacy_heartbeat_body(&enr.agent_id),
-    )
-    .await;
-    let hb: HeartbeatResponse = expect_json(
-        r,
-        StatusCode::OK,
-        "POST /v1/heartbeat (RSA client, HTTP/1.1)",
-    )
-    .await?;
-    let r = post_heartbeat(
-        &agent,
-        &cp,
-        "/v1/heartbeat",
-        &legacy_heartbeat_body(&enr.agent_id),
-    )
-    .await;
+    let r = post_heartbeat(&agent, &cp, "/v1/heartbeat", &legacy_heartbeat_body(&enr.agent_id)).await;
+    let hb: HeartbeatResponse = expect_json(r, StatusCode::OK, "POST /v1/heartbeat (RSA client, HTTP/1.1)").await?;
+    let r = post_heartbeat(&agent, &cp, "/v1/heartbeat", &legacy_heartbeat_body(&enr.agent_id)).await;
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
-    let _: HeartbeatResponse = expect_json(
-        r,
-        StatusCode::OK,
-        "second POST /v1/heartbeat (RSA client, HTTP/1.1)",
-    )
-    .await?;
+    let _: HeartbeatResponse =
+        expect_json(r, StatusCode::OK, "second POST /v1/heartbeat (RSA client, HTTP/1.1)").await?;
     assert!(
         !hb.agent_version_supported,
         "agent_version \"dev\" does not parse, so it is unsupported"
@@ -331,18 +289,14 @@ async fn legacy_agent_rsa_enrollment(backend: Backend) -> anyhow::Result<()> {
     let tc = tenant(&cp, &fx.api_key);
     let url = cp.url(&format!("/sites/{}/hosts", fx.site_id()));
     let host = poll_until(POLL, "legacy host facts", || async {
-        let hosts: HostsResponse =
-            expect_json(tc.get(&url).send().await?, StatusCode::OK, "hosts").await?;
+        let hosts: HostsResponse = expect_json(tc.get(&url).send().await?, StatusCode::OK, "hosts").await?;
         Ok(hosts
             .hosts
             .into_iter()
             .find(|h| h.id == enr.host_id && h.cpu_cores_total == LEGACY_CPU_CORES))
     })
     .await?;
-    assert_eq!(
-        host.hostname, hostname,
-        "requested_hostname must name the host"
-    );
+    assert_eq!(host.hostname, hostname, "requested_hostname must name the host");
     let agents = list_agents(&cp, &fx).await?;
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0].agent_version, "dev");
@@ -384,8 +338,7 @@ async fn enrollment_token_errors(backend: Backend) -> anyhow::Result<()> {
 
     // Bad CSRs do not burn the token.
     let t3 = issue_token(&cp, &fx.api_key, fx.tenant_id(), fx.site_id(), None).await?;
-    let garbage =
-        "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgY3Ny\n-----END CERTIFICATE REQUEST-----\n";
+    let garbage = "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgY3Ny\n-----END CERTIFICATE REQUEST-----\n";
     expect_error(
         enroll(&cp, &t3.token, garbage).await,
         StatusCode::BAD_REQUEST,
@@ -412,8 +365,7 @@ async fn enrollment_token_errors(backend: Backend) -> anyhow::Result<()> {
         .json(&enroll_request(&t3.token, "edge-d", &good_csr))
         .send()
         .await?;
-    let enr: EnrollResponse =
-        expect_json(r, StatusCode::OK, "POST /enroll after failed attempts").await?;
+    let enr: EnrollResponse = expect_json(r, StatusCode::OK, "POST /enroll after failed attempts").await?;
     assert_eq!(enr.site_id, fx.site.id);
 
     // Expired (wall-clock expiry: waiting is the point here).
@@ -451,12 +403,7 @@ async fn race_one_token(cp: &ControlPlane, fx: &Fixture, n: usize) -> anyhow::Re
         set.spawn(async move {
             let warm = client.get(&health).send().await.map(|r| r.status());
             barrier.wait().await;
-            let r = client
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .expect("enroll transport");
+            let r = client.post(&url).json(&body).send().await.expect("enroll transport");
             let st = r.status();
             (warm, st, r.text().await.unwrap_or_default())
         });
@@ -510,21 +457,10 @@ async fn cross_tenant_isolation(backend: Backend) -> anyhow::Result<()> {
     ];
 
     let bc = tenant(&cp, &b.api_key);
-    let (ta, tb, sa, aa) = (
-        a.tenant_id(),
-        b.tenant_id(),
-        a.site_id(),
-        a_agent.agent_id(),
-    );
+    let (ta, tb, sa, aa) = (a.tenant_id(), b.tenant_id(), a.site_id(), a_agent.agent_id());
     let attempts: Vec<(&str, reqwest::RequestBuilder)> = vec![
-        (
-            "GET A's sites",
-            bc.get(cp.url(&format!("/tenants/{ta}/sites"))),
-        ),
-        (
-            "GET hosts of A's site",
-            bc.get(cp.url(&format!("/sites/{sa}/hosts"))),
-        ),
+        ("GET A's sites", bc.get(cp.url(&format!("/tenants/{ta}/sites")))),
+        ("GET hosts of A's site", bc.get(cp.url(&format!("/sites/{sa}/hosts")))),
         (
             "token for A's site via A's path",
             bc.post(cp.url(&format!("/tenants/{ta}/enrollment-tokens")))
@@ -535,10 +471,7 @@ async fn cross_tenant_isolation(backend: Backend) -> anyhow::Result<()> {
             bc.post(cp.url(&format!("/tenants/{tb}/enrollment-tokens")))
                 .json(&json!({"site_id": sa})),
         ),
-        (
-            "GET A's agents",
-            bc.get(cp.url(&format!("/tenants/{ta}/agents"))),
-        ),
+        ("GET A's agents", bc.get(cp.url(&format!("/tenants/{ta}/agents")))),
         (
             "create a site in A",
             bc.post(cp.url(&format!("/tenants/{ta}/sites")))
@@ -561,14 +494,10 @@ async fn cross_tenant_isolation(backend: Backend) -> anyhow::Result<()> {
         let st = r.status();
         let body = r.text().await?;
         assert_eq!(st, StatusCode::NOT_FOUND, "{what} ({url}): {body}");
-        let e: nkudo_core::api::ErrorBody =
-            serde_json::from_str(&body).with_context(|| format!("{what}: {body}"))?;
+        let e: nkudo_core::api::ErrorBody = serde_json::from_str(&body).with_context(|| format!("{what}: {body}"))?;
         assert!(!e.code.is_empty(), "{what}: {body}");
         for s in secrets {
-            assert!(
-                !body.contains(s),
-                "{what}: the error body leaks a secret: {body}"
-            );
+            assert!(!body.contains(s), "{what}: the error body leaks a secret: {body}");
         }
         assert!(
             !body.contains(&a.site.name) && !body.contains(&a.tenant.slug),
@@ -590,26 +519,18 @@ async fn cross_tenant_isolation(backend: Backend) -> anyhow::Result<()> {
         r.text().await?
     );
     let sites: SitesResponse = expect_json(
-        bc.get(cp.url(&format!("/tenants/{tb}/sites")))
-            .send()
-            .await?,
+        bc.get(cp.url(&format!("/tenants/{tb}/sites"))).send().await?,
         StatusCode::OK,
         "B sites",
     )
     .await?;
     assert_eq!(
-        sites
-            .sites
-            .iter()
-            .map(|s| s.id.as_str())
-            .collect::<Vec<_>>(),
+        sites.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
         vec![b.site_id()]
     );
     let ac = tenant(&cp, &a.api_key);
     let sites: SitesResponse = expect_json(
-        ac.get(cp.url(&format!("/tenants/{ta}/sites")))
-            .send()
-            .await?,
+        ac.get(cp.url(&format!("/tenants/{ta}/sites"))).send().await?,
         StatusCode::OK,
         "A sites",
     )
@@ -653,16 +574,9 @@ async fn mtls_refusals(backend: Backend) -> anyhow::Result<()> {
     let rogue_ca = TestCa::new("n-kudo-agent-ca");
     let (rogue_key, rogue_cert) = rogue_ca.issue_client_cert(one.agent_id(), None);
     let rogue = agent_client(&cp, &rogue_cert, &rogue_key);
-    let res = rogue
-        .post(cp.url("/v1/heartbeat"))
-        .json(&json!({}))
-        .send()
-        .await;
+    let res = rogue.post(cp.url("/v1/heartbeat")).json(&json!({})).send().await;
     match res {
-        Err(e) => assert!(
-            !e.is_timeout(),
-            "expected a TLS failure, got a timeout: {e:?}"
-        ),
+        Err(e) => assert!(!e.is_timeout(), "expected a TLS failure, got a timeout: {e:?}"),
         Ok(r) => panic!(
             "a certificate from another CA was accepted: {} {}",
             r.status(),
@@ -697,17 +611,8 @@ async fn mtls_refusals(backend: Backend) -> anyhow::Result<()> {
     let r = pinned
         .post_json("/v1/heartbeat", &json!({"agent_id": one.agent_id()}))
         .await?;
-    assert_eq!(
-        r.status,
-        200,
-        "pinned connection before revocation: {}",
-        r.text()
-    );
-    let revoke_url = cp.url(&format!(
-        "/tenants/{}/agents/{}/revoke",
-        fx.tenant_id(),
-        one.agent_id()
-    ));
+    assert_eq!(r.status, 200, "pinned connection before revocation: {}", r.text());
+    let revoke_url = cp.url(&format!("/tenants/{}/agents/{}/revoke", fx.tenant_id(), one.agent_id()));
     let r = tenant(&cp, &fx.api_key)
         .post(revoke_url)
         .json(&RevokeAgentRequest {
@@ -721,19 +626,10 @@ async fn mtls_refusals(backend: Backend) -> anyhow::Result<()> {
         revoked.revoked_at.is_some(),
         "revoke answer lacks revoked_at: {revoked:?}"
     );
-    let r = c1
-        .post(cp.url("/v1/heartbeat"))
-        .json(&json!({}))
-        .send()
-        .await?;
+    let r = c1.post(cp.url("/v1/heartbeat")).json(&json!({})).send().await?;
     expect_error(r, StatusCode::UNAUTHORIZED, "AGENT_REVOKED").await;
     let r = pinned.post_json("/v1/heartbeat", &json!({})).await?;
-    assert_eq!(
-        r.status,
-        401,
-        "same TLS connection after revocation: {}",
-        r.text()
-    );
+    assert_eq!(r.status, 401, "same TLS connection after revocation: {}", r.text());
     let e: nkudo_core::api::ErrorBody = serde_json::from_slice(&r.body)?;
     assert_eq!(e.code, "AGENT_REVOKED");
     assert_eq!(pinned.requests, 2);
@@ -780,11 +676,7 @@ async fn certificate_renewal(backend: Backend) -> anyhow::Result<()> {
     let fx = bootstrap(&cp).await?;
     let agent = enroll_agent(&cp, &fx, "edge-renew").await?;
     let old_client = agent.client(&cp);
-    let r = old_client
-        .post(cp.url("/v1/heartbeat"))
-        .json(&json!({}))
-        .send()
-        .await?;
+    let r = old_client.post(cp.url("/v1/heartbeat")).json(&json!({})).send().await?;
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await?);
     let old_info = inspect_cert(&agent.cert_pem)?;
     let serial_before = list_agents(&cp, &fx).await?[0].cert_serial.clone();
@@ -812,11 +704,7 @@ async fn certificate_renewal(backend: Backend) -> anyhow::Result<()> {
         .send()
         .await?;
     expect_error(r, StatusCode::UNAUTHORIZED, "INVALID_REFRESH_TOKEN").await;
-    let r = old_client
-        .post(cp.url("/v1/heartbeat"))
-        .json(&json!({}))
-        .send()
-        .await?;
+    let r = old_client.post(cp.url("/v1/heartbeat")).json(&json!({})).send().await?;
     assert_eq!(
         r.status(),
         StatusCode::OK,
@@ -839,13 +727,7 @@ async fn certificate_renewal(backend: Backend) -> anyhow::Result<()> {
     let mut enr = agent.enrollment.clone();
     enr.certificate_expires_at = renewed.expires_at.clone();
     enr.ca_certificate_pem = renewed.ca_certificate_pem.clone();
-    let new_info = check_agent_cert(
-        &cp,
-        &renewed.client_certificate_pem,
-        &new_csr,
-        &enr,
-        24 * 3600,
-    );
+    let new_info = check_agent_cert(&cp, &renewed.client_certificate_pem, &new_csr, &enr, 24 * 3600);
     assert_ne!(
         new_info.serial_hex, old_info.serial_hex,
         "renewal must issue a new serial"
@@ -857,19 +739,10 @@ async fn certificate_renewal(backend: Backend) -> anyhow::Result<()> {
         .json(&legacy_heartbeat_body(agent.agent_id()))
         .send()
         .await?;
-    assert_eq!(
-        r.status(),
-        StatusCode::OK,
-        "renewed certificate: {}",
-        r.text().await?
-    );
+    assert_eq!(r.status(), StatusCode::OK, "renewed certificate: {}", r.text().await?);
 
     // The old certificate: refused on the open connection and on a new one.
-    let r = old_client
-        .post(cp.url("/v1/heartbeat"))
-        .json(&json!({}))
-        .send()
-        .await?;
+    let r = old_client.post(cp.url("/v1/heartbeat")).json(&json!({})).send().await?;
     expect_error(r, StatusCode::UNAUTHORIZED, "CERTIFICATE_SERIAL_MISMATCH").await;
     let r = agent
         .client(&cp)
@@ -880,10 +753,7 @@ async fn certificate_renewal(backend: Backend) -> anyhow::Result<()> {
     expect_error(r, StatusCode::UNAUTHORIZED, "CERTIFICATE_SERIAL_MISMATCH").await;
 
     let serial_after = list_agents(&cp, &fx).await?[0].cert_serial.clone();
-    assert_ne!(
-        serial_before, serial_after,
-        "the agent's recorded serial must change"
-    );
+    assert_ne!(serial_before, serial_after, "the agent's recorded serial must change");
     Ok(())
 }
 both_backends!(certificate_renewal => certificate_renewal_sqlite, certificate_renewal_postgres);

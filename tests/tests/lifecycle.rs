@@ -18,9 +18,7 @@ fn output_text(o: &std::process::Output) -> String {
 }
 
 fn contains_word(haystack: &str, word: &str) -> bool {
-    haystack
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .any(|w| w == word)
+    haystack.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w == word)
 }
 
 /// Bootstrap, enroll, revoke, two auth failures; then stop the control plane (SIGTERM, exit 0).
@@ -56,10 +54,7 @@ async fn audited_history(backend: Backend) -> anyhow::Result<Option<(ControlPlan
         .await?;
     expect_error(r, StatusCode::UNAUTHORIZED, "AGENT_REVOKED").await;
     let st = cp.stop().await?;
-    assert!(
-        st.success(),
-        "SIGTERM must end the control plane with exit 0, got {st}"
-    );
+    assert!(st.success(), "SIGTERM must end the control plane with exit 0, got {st}");
     Ok(Some((cp, fx)))
 }
 
@@ -71,10 +66,12 @@ struct AuditRow {
 
 async fn audit_rows(cp: &ControlPlane) -> anyhow::Result<Vec<AuditRow>> {
     let mut db = connect_db(cp.db(), &cp.data_dir).await?;
-    let rows = sqlx::query("SELECT COALESCE(tenant_id, '') AS tenant_id, seq, action FROM audit_events ORDER BY tenant_id, seq")
-        .fetch_all(&mut db)
-        .await
-        .context("read audit_events")?;
+    let rows = sqlx::query(
+        "SELECT COALESCE(tenant_id, '') AS tenant_id, seq, action FROM audit_events ORDER BY tenant_id, seq",
+    )
+    .fetch_all(&mut db)
+    .await
+    .context("read audit_events")?;
     rows.iter()
         .map(|r| {
             Ok(AuditRow {
@@ -136,10 +133,12 @@ async fn audit_verify_detects_update(backend: Backend) -> anyhow::Result<()> {
     .await
     .ok()
     .and_then(|r| r.try_get::<String, _>("id").ok());
-    let n = sqlx::query(&format!("UPDATE audit_events SET action = 'tenant.delete' WHERE tenant_id = '{tid}' AND seq = {seq}"))
-        .execute(&mut db)
-        .await?
-        .rows_affected();
+    let n = sqlx::query(&format!(
+        "UPDATE audit_events SET action = 'tenant.delete' WHERE tenant_id = '{tid}' AND seq = {seq}"
+    ))
+    .execute(&mut db)
+    .await?
+    .rows_affected();
     assert_eq!(n, 1);
     drop(db);
 
@@ -152,7 +151,10 @@ async fn audit_verify_detects_update(backend: Backend) -> anyhow::Result<()> {
     );
     let named = id.as_deref().is_some_and(|id| text.contains(id))
         || (text.contains(&tid) && contains_word(&text, &seq.to_string()));
-    assert!(named, "audit verify must name the tampered event (id {id:?}, or tenant {tid} and seq {seq})\n{text}");
+    assert!(
+        named,
+        "audit verify must name the tampered event (id {id:?}, or tenant {tid} and seq {seq})\n{text}"
+    );
     Ok(())
 }
 both_backends!(audit_verify_detects_update => audit_verify_detects_update_sqlite, audit_verify_detects_update_postgres);
@@ -193,14 +195,9 @@ both_backends!(audit_verify_detects_delete => audit_verify_detects_delete_sqlite
 // ---------------------------------------------------------------------------------------------------------
 
 async fn restart_keeps_state(backend: Backend) -> anyhow::Result<()> {
-    let mut cp = start_or_skip!(ControlPlane::builder(backend)
-        .server_generated_admin_key()
-        .start());
+    let mut cp = start_or_skip!(ControlPlane::builder(backend).server_generated_admin_key().start());
     // Dev mode: the generated key is printed once and kept in <data>/admin.key with mode 0600.
-    let printed = cp
-        .admin_key_printed
-        .clone()
-        .context("no `admin key:` line")?;
+    let printed = cp.admin_key_printed.clone().context("no `admin key:` line")?;
     assert!(
         !printed.starts_with("stored in"),
         "first start must print the generated key, printed {printed:?}"
@@ -226,10 +223,7 @@ async fn restart_keeps_state(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(r.status(), StatusCode::OK);
 
     let st = cp.stop().await?;
-    assert!(
-        st.success(),
-        "SIGTERM must end the control plane with exit 0, got {st}"
-    );
+    assert!(st.success(), "SIGTERM must end the control plane with exit 0, got {st}");
     let lines_before = cp.stdout_lines().len();
     cp.restart().await?;
 
@@ -248,10 +242,7 @@ async fn restart_keeps_state(backend: Backend) -> anyhow::Result<()> {
             .any(|l| l.contains(&first_key)),
         "the key was printed again"
     );
-    assert_eq!(
-        cp.admin_key, first_key,
-        "the admin key must survive a restart"
-    );
+    assert_eq!(cp.admin_key, first_key, "the admin key must survive a restart");
     assert_eq!(
         pem_certs_der(&cp.ca_bundle_pem)?,
         pem_certs_der(&first_bundle)?,
@@ -337,11 +328,7 @@ impl PkiFiles {
     }
 }
 
-async fn expect_refusal(
-    b: ControlPlaneBuilder,
-    what: &str,
-    mentions: &[&str],
-) -> anyhow::Result<()> {
+async fn expect_refusal(b: ControlPlaneBuilder, what: &str, mentions: &[&str]) -> anyhow::Result<()> {
     let prepared = b
         .env("REQUIRE_PERSISTENT_PKI", "true")
         .prepare()
@@ -349,10 +336,7 @@ async fn expect_refusal(
         .expect("sqlite is always available");
     let out = prepared.run_expect_exit(EXIT_TIMEOUT).await?;
     let text = output_text(&out);
-    assert!(
-        !out.status.success(),
-        "{what}: start-up must be refused\n{text}"
-    );
+    assert!(!out.status.success(), "{what}: start-up must be refused\n{text}");
     assert!(
         mentions
             .iter()
@@ -428,18 +412,14 @@ async fn production_mode_with_persistent_pki_sqlite() -> anyhow::Result<()> {
         .env("REQUIRE_PERSISTENT_PKI", "true")
         .start());
     assert!(
-        cp.admin_key_printed
-            .as_deref()
-            .is_none_or(|l| !l.contains(LONG_KEY)),
+        cp.admin_key_printed.as_deref().is_none_or(|l| !l.contains(LONG_KEY)),
         "the admin key must not be printed"
     );
     // Trusting only our CA reaches the server.
     let ours = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(
-            pki.ca.cert_pem().as_bytes(),
-        )?)
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca.cert_pem().as_bytes())?)
         .build()?;
     let r = ours
         .get(cp.url("/healthz"))
@@ -450,8 +430,7 @@ async fn production_mode_with_persistent_pki_sqlite() -> anyhow::Result<()> {
 
     let fx = bootstrap(&cp).await?;
     let agent = enroll_agent(&cp, &fx, "edge-prod").await?;
-    verify_chain(&agent.cert_pem, &pki.ca.cert_pem())
-        .context("agent certificate must be signed by CA_CERT_FILE")?;
+    verify_chain(&agent.cert_pem, &pki.ca.cert_pem()).context("agent certificate must be signed by CA_CERT_FILE")?;
     let r = agent
         .client(&cp)
         .post(cp.url("/v1/heartbeat"))
@@ -461,18 +440,14 @@ async fn production_mode_with_persistent_pki_sqlite() -> anyhow::Result<()> {
     assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await?);
 
     // Certificates of the right CA that are not a current agent certificate.
-    let (k, c) = pki
-        .ca
-        .issue_client_cert(&uuid::Uuid::new_v4().to_string(), None);
+    let (k, c) = pki.ca.issue_client_cert(&uuid::Uuid::new_v4().to_string(), None);
     let r = agent_client(&cp, &c, &k)
         .post(cp.url("/v1/heartbeat"))
         .json(&json!({}))
         .send()
         .await?;
     expect_error(r, StatusCode::UNAUTHORIZED, "UNKNOWN_AGENT").await;
-    let (k, c) = pki
-        .ca
-        .issue_client_cert(agent.agent_id(), Some(0x1234_5678));
+    let (k, c) = pki.ca.issue_client_cert(agent.agent_id(), Some(0x1234_5678));
     let r = agent_client(&cp, &c, &k)
         .post(cp.url("/v1/heartbeat"))
         .json(&json!({}))

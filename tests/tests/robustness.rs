@@ -57,9 +57,7 @@ async fn run_case(cp: &ControlPlane, c: Case, http1: bool) -> Result<String, Str
                 && c.status == StatusCode::PAYLOAD_TOO_LARGE
                 && (lower.contains("connection reset") || lower.contains("broken pipe"))
             {
-                return Ok(format!(
-                    "connection reset before the 413 was read ({chain})"
-                ));
+                return Ok(format!("connection reset before the 413 was read ({chain})"));
             }
             return Err(format!("{head}: transport error: {chain}"));
         }
@@ -80,8 +78,8 @@ async fn run_case(cp: &ControlPlane, c: Case, http1: bool) -> Result<String, Str
     if st != c.status {
         return Err(format!("{head}: expected {} {}; {got}", c.status, c.code));
     }
-    let e: ErrorBody = serde_json::from_str(&text)
-        .map_err(|err| format!("{head}: body is not an ErrorBody ({err}); {got}"))?;
+    let e: ErrorBody =
+        serde_json::from_str(&text).map_err(|err| format!("{head}: body is not an ErrorBody ({err}); {got}"))?;
     if e.code.is_empty() || e.error.is_empty() {
         return Err(format!("{head}: empty code or message; {got}"));
     }
@@ -101,10 +99,7 @@ async fn bad_input(backend: Backend) -> anyhow::Result<()> {
     let (t, s) = (fx.tenant_id().to_string(), fx.site_id().to_string());
     // Every case runs over HTTP/2 (what reqwest negotiates) and over HTTP/1.1 (what the earlier Go agent,
     // curl --http1.1 and many scrapers speak), where an early 413 and keep-alive behave differently.
-    let big = format!(
-        r#"{{"slug":"big","name":"{}"}}"#,
-        "x".repeat(2 * 1024 * 1024)
-    );
+    let big = format!(r#"{{"slug":"big","name":"{}"}}"#, "x".repeat(2 * 1024 * 1024));
     let big_site = format!(r#"{{"name":"{}"}}"#, "x".repeat(2 * 1024 * 1024));
     let big_enroll = format!(
         r#"{{"enrollment_token":"x","hostname":"h","csr_pem":"{}"}}"#,
@@ -130,25 +125,15 @@ async fn bad_input(backend: Backend) -> anyhow::Result<()> {
         let ten = mk(Some(("X-API-Key", &fx.api_key)));
         let none = mk(None);
         let ag = {
-            let pem = format!(
-                "{}\n{}\n",
-                agent.cert_pem.trim_end(),
-                agent.key_pem.trim_end()
-            );
+            let pem = format!("{}\n{}\n", agent.cert_pem.trim_end(), agent.key_pem.trim_end());
             let mut b = client_builder(&cp).identity(reqwest::Identity::from_pem(pem.as_bytes())?);
             if http1 {
                 b = b.http1_only();
             }
             b.build()?
         };
-        let wrong_admin = mk(Some((
-            "X-Admin-Key",
-            "wrong-admin-key-0000000000000000000000",
-        )));
-        let wrong_key = mk(Some((
-            "X-API-Key",
-            "nk_notavalidkeyatall000000000000000000000000",
-        )));
+        let wrong_admin = mk(Some(("X-Admin-Key", "wrong-admin-key-0000000000000000000000")));
+        let wrong_key = mk(Some(("X-API-Key", "nk_notavalidkeyatall000000000000000000000000")));
         let admin_as_api_key = mk(Some(("X-API-Key", &cp.admin_key)));
         use Method as M;
         use StatusCode as S;
@@ -190,15 +175,7 @@ async fn bad_input(backend: Backend) -> anyhow::Result<()> {
                 S::BAD_REQUEST,
                 "INVALID_JSON",
             ),
-            case(
-                "empty body",
-                &adm,
-                M::POST,
-                "/tenants",
-                Some(""),
-                S::BAD_REQUEST,
-                "",
-            ),
+            case("empty body", &adm, M::POST, "/tenants", Some(""), S::BAD_REQUEST, ""),
             case(
                 "unknown field",
                 &adm,
@@ -446,15 +423,7 @@ async fn bad_input(backend: Backend) -> anyhow::Result<()> {
                 "",
             ),
             // Routing.
-            case(
-                "unknown route",
-                &none,
-                M::GET,
-                "/nope",
-                None,
-                S::NOT_FOUND,
-                "NOT_FOUND",
-            ),
+            case("unknown route", &none, M::GET, "/nope", None, S::NOT_FOUND, "NOT_FOUND"),
             case(
                 "unknown v1 route",
                 &none,
@@ -608,8 +577,7 @@ async fn bad_input(backend: Backend) -> anyhow::Result<()> {
     );
     // Nothing above created anything.
     let r = admin(&cp).get(cp.url("/tenants")).send().await?;
-    let tenants: nkudo_core::api::TenantsResponse =
-        expect_json(r, StatusCode::OK, "GET /tenants").await?;
+    let tenants: nkudo_core::api::TenantsResponse = expect_json(r, StatusCode::OK, "GET /tenants").await?;
     assert_eq!(
         tenants.tenants.len(),
         1,
@@ -682,12 +650,7 @@ async fn health_and_metrics(backend: Backend) -> anyhow::Result<()> {
     // Traffic: one successful and one failed enrollment, two heartbeats.
     let fx = bootstrap(&cp).await?;
     let agent = enroll_agent(&cp, &fx, "edge-metrics").await?;
-    let r = enroll(
-        &cp,
-        "unknown-token-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-        &make_csr("x").1,
-    )
-    .await;
+    let r = enroll(&cp, "unknown-token-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", &make_csr("x").1).await;
     expect_error(r, StatusCode::UNAUTHORIZED, "INVALID_TOKEN").await;
     let ac = agent.client(&cp);
     for _ in 0..2 {
@@ -699,29 +662,22 @@ async fn health_and_metrics(backend: Backend) -> anyhow::Result<()> {
         assert_eq!(r.status(), StatusCode::OK);
     }
 
-    let text = poll_until(
-        std::time::Duration::from_secs(10),
-        "metrics after traffic",
-        || async {
-            let r = c.get(cp.url("/metrics")).send().await?;
-            anyhow::ensure!(r.status() == StatusCode::OK, "GET /metrics: {}", r.status());
-            let ctype = r
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            anyhow::ensure!(
-                ctype.starts_with("text/plain"),
-                "GET /metrics content-type {ctype:?}"
-            );
-            let text = r.text().await?;
-            let ready = metric_sum(&text, "nkudo_enrollments_total").unwrap_or(0.0) >= 2.0
-                && metric_sum(&text, "nkudo_heartbeat_ingest_seconds_count").unwrap_or(0.0) >= 2.0
-                && metric_sum(&text, "nkudo_http_requests_total").unwrap_or(0.0) >= 5.0;
-            Ok(ready.then_some(text))
-        },
-    )
+    let text = poll_until(std::time::Duration::from_secs(10), "metrics after traffic", || async {
+        let r = c.get(cp.url("/metrics")).send().await?;
+        anyhow::ensure!(r.status() == StatusCode::OK, "GET /metrics: {}", r.status());
+        let ctype = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        anyhow::ensure!(ctype.starts_with("text/plain"), "GET /metrics content-type {ctype:?}");
+        let text = r.text().await?;
+        let ready = metric_sum(&text, "nkudo_enrollments_total").unwrap_or(0.0) >= 2.0
+            && metric_sum(&text, "nkudo_heartbeat_ingest_seconds_count").unwrap_or(0.0) >= 2.0
+            && metric_sum(&text, "nkudo_http_requests_total").unwrap_or(0.0) >= 5.0;
+        Ok(ready.then_some(text))
+    })
     .await;
     let text = match text {
         Ok(t) => t,
@@ -735,10 +691,7 @@ async fn health_and_metrics(backend: Backend) -> anyhow::Result<()> {
         "nkudo_heartbeat_ingest_seconds",
         "nkudo_http_requests_total",
     ] {
-        assert!(
-            text.contains(&format!("# TYPE {family} ")),
-            "no TYPE line for {family}"
-        );
+        assert!(text.contains(&format!("# TYPE {family} ")), "no TYPE line for {family}");
     }
     assert!(
         text.contains("# TYPE nkudo_heartbeat_ingest_seconds histogram"),
@@ -781,8 +734,7 @@ async fn enroll_rate_limit_sqlite() -> anyhow::Result<()> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         expect_error(r, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED").await;
-        let retry_after =
-            retry_after.unwrap_or_else(|| panic!("attempt {}: 429 without Retry-After", i + 1));
+        let retry_after = retry_after.unwrap_or_else(|| panic!("attempt {}: 429 without Retry-After", i + 1));
         let secs: u64 = retry_after
             .trim()
             .parse()
@@ -791,21 +743,14 @@ async fn enroll_rate_limit_sqlite() -> anyhow::Result<()> {
     }
     // Other routes are not limited by the enrollment limiter.
     for _ in 0..5 {
-        assert_eq!(
-            anon(&cp).get(cp.url("/healthz")).send().await?.status(),
-            StatusCode::OK
-        );
+        assert_eq!(anon(&cp).get(cp.url("/healthz")).send().await?.status(), StatusCode::OK);
     }
     let r = tenant(&cp, &fx.api_key)
         .get(cp.url(&format!("/tenants/{}/agents", fx.tenant_id())))
         .send()
         .await?;
     let agents: nkudo_core::api::AgentsResponse = expect_json(r, StatusCode::OK, "agents").await?;
-    assert_eq!(
-        agents.agents.len(),
-        2,
-        "rate-limited attempts must not enroll"
-    );
+    assert_eq!(agents.agents.len(), 2, "rate-limited attempts must not enroll");
     Ok(())
 }
 
@@ -829,10 +774,7 @@ async fn http1_keep_alive_sqlite() -> anyhow::Result<()> {
     }
     let r = conn.request("GET", "/nope", &[], None).await?;
     assert_eq!(r.status, 404);
-    assert_eq!(
-        serde_json::from_slice::<ErrorBody>(&r.body)?.code,
-        "NOT_FOUND"
-    );
+    assert_eq!(serde_json::from_slice::<ErrorBody>(&r.body)?.code, "NOT_FOUND");
     let r = conn
         .request(
             "POST",

@@ -1,0 +1,795 @@
+//! `cargo xtask`: the entry points CI and people use.
+//!
+//! * `cargo xtask test [-- <cargo test args>]` (alias `ci`): THE test command. In order: Postgres answers at
+//!   127.0.0.1:5432 (installed and started when missing), `openssl` is present, `cargo fmt --check`,
+//!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, `cargo test --workspace --no-fail-fast`.
+//! * `cargo xtask bench heartbeat [...]`: builds the control plane and `nkudo-bench` in release and runs the
+//!   heartbeat benchmark against SQLite and/or Postgres.
+//!
+//! Deliberately light (anyhow + clap, `std::process::Command`) so that it compiles in seconds. Child output is
+//! streamed, never captured, except for short probes (`pg_isready`, `psql -c 'select 1'`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// The default Postgres the tests use; `NKUDO_TEST_PG_URL` overrides it.
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// How long to wait for a started (or installed) Postgres to answer.
+const PG_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "n-kudo's entry points for CI and people",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The whole test suite: Postgres, openssl, fmt, clippy, build, every test on SQLite and Postgres.
+    Test(TestArgs),
+    /// The same as `test` (what CI runs).
+    Ci(TestArgs),
+    /// Only the first two steps of `test`: make sure Postgres answers and openssl is present.
+    Setup,
+    /// Benchmarks (release builds).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// Extra arguments for `cargo test`, after `--` (e.g. `cargo xtask test -- enroll`).
+    #[arg(last = true)]
+    cargo_test_args: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Enroll N simulated agents and drive heartbeats over mTLS for a fixed time; prints throughput and latency.
+    Heartbeat(HeartbeatArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Backend {
+    Postgres,
+    Sqlite,
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct HeartbeatArgs {
+    /// Number of simulated agents to enroll.
+    #[arg(long, default_value_t = 1000)]
+    agents: u32,
+    /// Measured duration in seconds (after a 3 s warm-up).
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Concurrent keep-alive connections driving heartbeats.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// Which database backend(s) to measure.
+    #[arg(long, value_enum, default_value_t = Backend::Both)]
+    backend: Backend,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Further arguments for `nkudo-bench heartbeat`, after `--` (see `nkudo-bench heartbeat --help`).
+    #[arg(last = true)]
+    bench_args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = match Ctx::new() {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Test(args) | Cmd::Ci(args) => test(ctx, args),
+        Cmd::Setup => setup(ctx),
+        Cmd::Bench(BenchCmd::Heartbeat(args)) => bench_heartbeat(ctx, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!();
+            eprintln!("==> FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What every step needs: where the workspace is, how to call cargo, whether this is CI, and the environment
+/// handed to the cargo children.
+struct Ctx {
+    root: PathBuf,
+    cargo: OsString,
+    ci: bool,
+    root_user: bool,
+    /// Set once per run, so that `apt-get update` runs at most once.
+    apt_updated: bool,
+    /// Environment added to the cargo commands (e.g. `NKUDO_SKIP_POSTGRES=1`).
+    env: Vec<(String, String)>,
+    /// Step name and duration, for the closing summary.
+    timings: Vec<(String, Duration)>,
+}
+
+impl Ctx {
+    fn new() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask lives one level below the workspace root")?
+            .to_path_buf();
+        std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+        let ci = std::env::var("CI")
+            .map(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+            .unwrap_or(false);
+        Ok(Ctx {
+            root,
+            cargo: std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+            ci,
+            root_user: is_root(),
+            apt_updated: false,
+            env: Vec::new(),
+            timings: Vec::new(),
+        })
+    }
+
+    fn target_dir(&self) -> PathBuf {
+        match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => self.root.join(dir),
+            None => self.root.join("target"),
+        }
+    }
+
+    fn cargo(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.cargo);
+        cmd.args(args).current_dir(&self.root).stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Runs one named step: prints `==> name`, times it, and names it in the error.
+    fn step(&mut self, name: &str, f: impl FnOnce(&mut Ctx) -> Result<()>) -> Result<()> {
+        println!();
+        println!("==> {name}");
+        let started = Instant::now();
+        let result = f(self);
+        let took = started.elapsed();
+        self.timings.push((name.to_string(), took));
+        result.with_context(|| format!("step `{name}` failed after {:.1}s", took.as_secs_f64()))
+    }
+
+    fn apt_install(&mut self, packages: &[&str]) -> Result<()> {
+        if !self.apt_updated {
+            run(Command::new("apt-get").arg("update").stdin(Stdio::null()))?;
+            self.apt_updated = true;
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()))
+    }
+
+    fn can_apt(&self) -> bool {
+        self.root_user && have("apt-get")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// cargo xtask test
+
+fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
+    let started = Instant::now();
+    println!(
+        "xtask test: workspace {}, CI={}, running as {}",
+        ctx.root.display(),
+        ctx.ci,
+        if ctx.root_user { "root" } else { "a normal user" }
+    );
+
+    ctx.step("Postgres at 127.0.0.1:5432 (NKUDO_TEST_PG_URL)", |ctx| {
+        ensure_postgres(ctx, "tests")
+    })?;
+    ctx.step("openssl", ensure_openssl)?;
+    ctx.step("cargo fmt --all -- --check", |ctx| {
+        ensure_component(ctx, "fmt", "rustfmt")?;
+        run(&mut ctx.cargo(&["fmt", "--all", "--", "--check"]))
+            .context("formatting differs: run `cargo fmt --all` and commit the result")
+    })?;
+    ctx.step("cargo clippy --workspace --all-targets -- -D warnings", |ctx| {
+        ensure_component(ctx, "clippy", "clippy")?;
+        run(&mut ctx.cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+    })?;
+    // The integration tests run the binaries, which cargo does not build for them. `--tests` builds the test
+    // targets in the same invocation, so features are unified once (dev-dependencies included) and
+    // `cargo test` below compiles nothing again; with `--bins` alone ~20 crates would build a second time.
+    ctx.step("cargo build --workspace --bins --tests", |ctx| {
+        run(&mut ctx.cargo(&["build", "--workspace", "--bins", "--tests"]))
+    })?;
+    // The harness finds the binaries next to the test executables (target/debug); NKUDO_BIN_DIR is not set.
+    // --no-fail-fast: every test binary runs, so one CI run shows every failure (the step still fails).
+    let test_name = if args.cargo_test_args.is_empty() {
+        "cargo test --workspace --no-fail-fast".to_string()
+    } else {
+        format!(
+            "cargo test --workspace --no-fail-fast {}",
+            join_os(&args.cargo_test_args)
+        )
+    };
+    ctx.step(&test_name, |ctx| {
+        let mut cmd = ctx.cargo(&["test", "--workspace", "--no-fail-fast"]);
+        cmd.args(&args.cargo_test_args);
+        run(&mut cmd)
+    })?;
+
+    println!();
+    println!("==> all steps passed in {:.0}s", started.elapsed().as_secs_f64());
+    for (name, took) in &ctx.timings {
+        println!("    {:>6.1}s  {name}", took.as_secs_f64());
+    }
+    Ok(())
+}
+
+fn setup_steps(ctx: &mut Ctx) -> Result<()> {
+    ctx.step("Postgres at 127.0.0.1:5432 (NKUDO_TEST_PG_URL)", |ctx| {
+        ensure_postgres(ctx, "tests")
+    })?;
+    ctx.step("openssl", ensure_openssl)
+}
+
+fn setup(mut ctx: Ctx) -> Result<()> {
+    setup_steps(&mut ctx)?;
+    println!();
+    println!("==> setup done");
+    Ok(())
+}
+
+/// Makes sure the tests (or the benchmark) can reach Postgres. `purpose` names who needs it in messages.
+///
+/// Only a Postgres on this machine (127.0.0.1, localhost, ::1) is started or installed; a remote
+/// `NKUDO_TEST_PG_URL` is only checked. Without Postgres: with CI=true this fails; otherwise it prints a loud
+/// SKIPPING line and sets `NKUDO_SKIP_POSTGRES=1` for the cargo children.
+fn ensure_postgres(ctx: &mut Ctx, purpose: &str) -> Result<()> {
+    if std::env::var("NKUDO_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
+        if ctx.ci {
+            bail!("NKUDO_SKIP_POSTGRES=1 is set, but CI=true: CI always runs the Postgres tests");
+        }
+        skip_postgres(ctx, purpose, "NKUDO_SKIP_POSTGRES=1 is set in the environment");
+        return Ok(());
+    }
+    let user_url = std::env::var("NKUDO_TEST_PG_URL").ok().filter(|u| !u.is_empty());
+    let url = user_url.clone().unwrap_or_else(|| DEFAULT_PG_URL.to_string());
+    let (host, port) = pg_host_port(&url)?;
+    let local = matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1");
+    println!(
+        "    database url: {} ({})",
+        redact(&url),
+        if user_url.is_some() {
+            "NKUDO_TEST_PG_URL"
+        } else {
+            "default"
+        }
+    );
+
+    match bring_up_postgres(ctx, &url, &host, port, local, user_url.is_none()) {
+        Ok(()) => {
+            println!("    Postgres answers at {host}:{port} and accepts the test login");
+            Ok(())
+        }
+        Err(e) if ctx.ci => Err(e.context(format!(
+            "Postgres is required with CI=true: the {purpose} cannot run their Postgres half without it"
+        ))),
+        Err(e) => {
+            skip_postgres(ctx, purpose, &format!("{e:#}"));
+            Ok(())
+        }
+    }
+}
+
+fn skip_postgres(ctx: &mut Ctx, purpose: &str, why: &str) {
+    let bar = "!".repeat(100);
+    println!("{bar}");
+    println!("!!! SKIPPING Postgres {purpose}: {why}");
+    println!("!!! Only the SQLite half runs. Set NKUDO_TEST_PG_URL or start Postgres on 127.0.0.1:5432 to run it all.");
+    println!("{bar}");
+    ctx.set_env("NKUDO_SKIP_POSTGRES", "1");
+}
+
+fn bring_up_postgres(ctx: &mut Ctx, url: &str, host: &str, port: u16, local: bool, default_url: bool) -> Result<()> {
+    let mut touched = false;
+    if !pg_answers(host, port) {
+        if !local {
+            bail!("Postgres at {host}:{port} does not answer (not on this machine, so not started here)");
+        }
+        println!("    Postgres does not answer at {host}:{port}");
+        let server_installed = main_cluster_version().is_some() || newest_installed_server().is_some();
+        if !have("pg_ctlcluster") || !server_installed {
+            if !ctx.can_apt() {
+                bail!(
+                    "Postgres does not answer at {host}:{port}, and it cannot be installed here \
+                     (needs root and apt-get; install the `postgresql` package)"
+                );
+            }
+            println!("    installing Postgres with apt-get");
+            ctx.apt_install(&["postgresql", "postgresql-client"])
+                .context("apt-get install postgresql")?;
+        }
+        start_cluster(ctx)?;
+        touched = true;
+        wait_for_postgres(host, port, PG_START_TIMEOUT)?;
+    }
+    match pg_login(url) {
+        LoginCheck::Ok | LoginCheck::NoPsql => Ok(()),
+        LoginCheck::Failed(msg) => {
+            // A fresh Debian cluster asks for a password over TCP; the tests connect as postgres without one.
+            let may_fix = local && default_url && ctx.root_user && (ctx.ci || touched);
+            if !may_fix {
+                bail!(
+                    "Postgres answers at {host}:{port}, but the test login fails: {msg}\n\
+                     (allow it, e.g. `host all all 127.0.0.1/32 trust` in pg_hba.conf, or set NKUDO_TEST_PG_URL)"
+                );
+            }
+            println!("    the test login fails ({msg}); allowing trust auth on loopback for the test cluster");
+            allow_loopback_trust()?;
+            wait_for_postgres(host, port, PG_START_TIMEOUT)?;
+            match pg_login(url) {
+                LoginCheck::Ok | LoginCheck::NoPsql => Ok(()),
+                LoginCheck::Failed(msg) => {
+                    bail!("the test login still fails after allowing trust auth: {msg}")
+                }
+            }
+        }
+    }
+}
+
+/// Highest installed cluster version that has a `main` cluster under /etc/postgresql, or None.
+fn main_cluster_version() -> Option<String> {
+    let mut versions: Vec<(u32, String)> = std::fs::read_dir("/etc/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("main").is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let major = name.split('.').next()?.parse::<u32>().ok()?;
+            Some((major, name))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, v)| v)
+}
+
+fn start_cluster(ctx: &mut Ctx) -> Result<()> {
+    let version = match main_cluster_version() {
+        Some(v) => v,
+        None => {
+            // The package normally creates `main` on install; create it if it did not.
+            let version = newest_installed_server()
+                .context("no Postgres cluster under /etc/postgresql and no server under /usr/lib/postgresql")?;
+            if !ctx.root_user {
+                bail!("no Postgres cluster exists, and creating one needs root");
+            }
+            println!("    creating cluster {version}/main");
+            run(Command::new("pg_createcluster")
+                .args([&version, "main"])
+                .stdin(Stdio::null()))?;
+            version
+        }
+    };
+    println!("    starting cluster {version}/main");
+    let status = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "start"])
+        .stdin(Stdio::null())
+        .status()
+        .context("running pg_ctlcluster")?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // 2: already running (perhaps still starting up); the wait that follows decides.
+        Some(2) => Ok(()),
+        _ => bail!(
+            "`pg_ctlcluster {version} main start` exited with {status} (server log: \
+             /var/log/postgresql/postgresql-{version}-main.log)"
+        ),
+    }
+}
+
+fn newest_installed_server() -> Option<String> {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("bin/postgres").exists())
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    versions.sort();
+    versions.pop().map(|v| v.to_string())
+}
+
+/// Puts `host all all 127.0.0.1/32 trust` (and ::1) first in the main cluster's pg_hba.conf and reloads.
+fn allow_loopback_trust() -> Result<()> {
+    let version = main_cluster_version().context("no Postgres cluster under /etc/postgresql to configure")?;
+    let hba = PathBuf::from(format!("/etc/postgresql/{version}/main/pg_hba.conf"));
+    let old = std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+    let marker = "# added by `cargo xtask test`";
+    if !old.contains(marker) {
+        let new = format!(
+            "{marker}: the tests connect over loopback as postgres without a password\n\
+             host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n\n{old}"
+        );
+        std::fs::write(&hba, new).with_context(|| format!("writing {}", hba.display()))?;
+        println!("    wrote loopback trust lines at the top of {}", hba.display());
+    }
+    run(Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "reload"])
+        .stdin(Stdio::null()))
+}
+
+fn pg_answers(host: &str, port: u16) -> bool {
+    if have("pg_isready") {
+        return Command::new("pg_isready")
+            .args(["-q", "-t", "3", "-h", host, "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    }
+    tcp_answers(host, port)
+}
+
+fn tcp_answers(host: &str, port: u16) -> bool {
+    let addrs: Vec<SocketAddr> = match (host, port).to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(_) => return false,
+    };
+    addrs
+        .iter()
+        .any(|a| TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok())
+}
+
+fn wait_for_postgres(host: &str, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pg_answers(host, port) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("Postgres did not answer at {host}:{port} within {}s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+enum LoginCheck {
+    Ok,
+    /// psql is not installed: the TCP check is all we can do.
+    NoPsql,
+    Failed(String),
+}
+
+fn pg_login(url: &str) -> LoginCheck {
+    if !have("psql") {
+        return LoginCheck::NoPsql;
+    }
+    let out = Command::new("psql")
+        .args([url, "-X", "-w", "-tAc", "select 1"])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => LoginCheck::Ok,
+        Ok(o) => LoginCheck::Failed(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => LoginCheck::Failed(e.to_string()),
+    }
+}
+
+/// Host and port of a `postgres://user:pass@host:port/db?...` URL (port 5432 when absent).
+fn pg_host_port(url: &str) -> Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .ok_or_else(|| anyhow!("NKUDO_TEST_PG_URL must start with postgres:// (got {})", redact(url)))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let hostport = authority.rsplit('@').next().unwrap_or(authority);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| anyhow!("bad IPv6 host in {}", redact(url)))?;
+        (h.to_string(), after.strip_prefix(':').unwrap_or(""))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (hostport.to_string(), ""),
+        }
+    };
+    let port = if port.is_empty() {
+        5432
+    } else {
+        port.parse().with_context(|| format!("bad port in {}", redact(url)))?
+    };
+    let host = if host.is_empty() { "127.0.0.1".to_string() } else { host };
+    Ok((host, port))
+}
+
+/// The URL with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hostport)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{hostport}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+fn ensure_openssl(ctx: &mut Ctx) -> Result<()> {
+    if let Some(v) = version_of("openssl", &["version"]) {
+        println!("    {v}");
+        return Ok(());
+    }
+    if ctx.can_apt() {
+        println!("    openssl is missing; installing it with apt-get");
+        ctx.apt_install(&["openssl"])?;
+        let v = version_of("openssl", &["version"]).context("openssl still missing after apt-get install")?;
+        println!("    {v}");
+        return Ok(());
+    }
+    if ctx.ci {
+        bail!("openssl is missing and cannot be installed here (needs root and apt-get)");
+    }
+    let bar = "!".repeat(100);
+    println!("{bar}");
+    println!("!!! WARNING: openssl is missing and cannot be installed here; tests that call it will fail.");
+    println!("{bar}");
+    Ok(())
+}
+
+/// Makes sure `cargo <sub>` works, adding the rustup component when it does not.
+fn ensure_component(ctx: &mut Ctx, sub: &str, component: &str) -> Result<()> {
+    let works = ctx
+        .cargo(&[sub, "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Ok(());
+    }
+    if !have("rustup") {
+        bail!("`cargo {sub}` is not available and rustup is not there to add the `{component}` component");
+    }
+    println!("    adding the rustup component {component}");
+    run(Command::new("rustup")
+        .args(["component", "add", component])
+        .stdin(Stdio::null()))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// cargo xtask bench heartbeat
+
+fn bench_heartbeat(mut ctx: Ctx, args: HeartbeatArgs) -> Result<()> {
+    if matches!(args.backend, Backend::Postgres | Backend::Both) {
+        ctx.step("Postgres at 127.0.0.1:5432 (NKUDO_TEST_PG_URL)", |ctx| {
+            ensure_postgres(ctx, "benchmark")
+        })?;
+    }
+    let skip_pg = ctx.env.iter().any(|(k, v)| k == "NKUDO_SKIP_POSTGRES" && v == "1");
+    let backend = match (args.backend, skip_pg) {
+        (Backend::Postgres, true) => {
+            bail!("--backend postgres, but Postgres cannot be had (see above)")
+        }
+        (Backend::Both, true) => Backend::Sqlite,
+        (b, _) => b,
+    };
+    ctx.step("cargo build --release (control plane, nkudo-bench)", |ctx| {
+        run(&mut ctx.cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "nkudo-control-plane",
+            "-p",
+            "nkudo-tests",
+            "--bin",
+            "nkudo-control-plane",
+            "--bin",
+            "nkudo-bench",
+        ]))
+    })?;
+    let release = ctx.target_dir().join("release");
+    let bench = release.join(format!("nkudo-bench{}", std::env::consts::EXE_SUFFIX));
+    let backend = match backend {
+        Backend::Postgres => "postgres",
+        Backend::Sqlite => "sqlite",
+        Backend::Both => "both",
+    };
+    let output = match args.output {
+        Output::Table => "table",
+        Output::Json => "json",
+    };
+    let mut bench_args = vec![
+        "heartbeat".to_string(),
+        "--agents".into(),
+        args.agents.to_string(),
+        "--duration".into(),
+        args.duration.to_string(),
+        "--connections".into(),
+        args.connections.to_string(),
+        "--backend".into(),
+        backend.into(),
+        "--output".into(),
+        output.into(),
+    ];
+    bench_args.extend(args.bench_args.iter().cloned());
+    ctx.step(&format!("nkudo-bench {}", bench_args.join(" ")), |ctx| {
+        let mut cmd = Command::new(&bench);
+        cmd.args(&bench_args)
+            .env("NKUDO_BIN_DIR", &release)
+            .current_dir(&ctx.root)
+            .stdin(Stdio::null());
+        for (k, v) in &ctx.env {
+            cmd.env(k, v);
+        }
+        run(&mut cmd)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+/// Prints and runs a command with inherited stdout/stderr; fails on a non-zero exit.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{} {}", cmd.get_program().to_string_lossy(), join_os(cmd.get_args()));
+    println!("    $ {}", shown.trim_end());
+    let status = cmd.status().with_context(|| format!("could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{}` exited with {status}", shown.trim_end());
+    }
+    Ok(())
+}
+
+fn join_os<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    args.into_iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether `program` is on PATH.
+fn have(program: &str) -> bool {
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| {
+        let p = dir.join(program);
+        p.is_file() && is_executable(&p)
+    })
+}
+
+#[cfg(unix)]
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(not(unix))]
+fn is_executable(_p: &Path) -> bool {
+    true
+}
+
+/// First line of `program args` on success.
+fn version_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+    )
+}
+
+#[cfg(unix)]
+fn is_root() -> bool {
+    // No libc dependency: the effective uid is in /proc/self/status ("Uid: real effective saved fs").
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
+            return line.split_whitespace().nth(2) == Some("0");
+        }
+    }
+    std::env::var("USER").is_ok_and(|u| u == "root")
+}
+
+#[cfg(not(unix))]
+fn is_root() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_pg_urls() {
+        assert_eq!(pg_host_port(DEFAULT_PG_URL).unwrap(), ("127.0.0.1".into(), 5432));
+        assert_eq!(
+            pg_host_port("postgres://u:p@db.example:6543/x?sslmode=disable").unwrap(),
+            ("db.example".into(), 6543)
+        );
+        assert_eq!(
+            pg_host_port("postgresql://u@[::1]:5433/x").unwrap(),
+            ("::1".into(), 5433)
+        );
+        assert_eq!(
+            pg_host_port("postgres://localhost/x").unwrap(),
+            ("localhost".into(), 5432)
+        );
+        assert!(pg_host_port("mysql://x").is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h:1/db"), "postgres://u:***@h:1/db");
+        assert_eq!(redact(DEFAULT_PG_URL), DEFAULT_PG_URL);
+    }
+
+    #[test]
+    fn test_args_pass_through() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "enroll", "--nocapture"]).unwrap();
+        match cli.command {
+            Cmd::Test(a) => assert_eq!(a.cargo_test_args, vec![OsString::from("enroll"), "--nocapture".into()]),
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "enroll", "--", "--nocapture"]).unwrap();
+        match cli.command {
+            Cmd::Test(a) => assert_eq!(
+                a.cargo_test_args,
+                vec![OsString::from("enroll"), "--".into(), "--nocapture".into()]
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+}
