@@ -670,3 +670,279 @@ mod tests {
         assert!(err.is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Plans, executions, logs, microVMs
+
+/// `POST /sites/{siteID}/plans` (api-key). The same `idempotency_key` with the same body returns the same
+/// plan; with a different body it answers 409.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyPlanRequest {
+    pub idempotency_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
+    pub actions: Vec<PlanActionSpec>,
+}
+
+/// One action of a plan as a tenant writes it: the reference's fields plus what a VM needs to boot.
+/// `operation`: `CREATE`, `START`, `STOP` or `DELETE` (case-insensitive).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanActionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
+    pub operation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<i64>,
+    /// Direct kernel boot: `kernel_path` (+ optional `initramfs_path`) and `cmdline`; or `firmware_path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_path: Option<String>,
+    /// Base disk image on the host (raw or qcow2); the VM gets its own copy or qcow2 overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_mib: Option<i64>,
+    /// cloud-init user data (`#cloud-config …`), put into a NoCloud seed image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init_user_data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Parameters of a `MicroVMCreate` action as the agent receives them in a lease. Key names follow the earlier
+/// agent (`vcpu`, `rootfs_path` for the base disk, `tap_iface`). Start/Stop/Delete carry only `vm_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct MicroVmCreateParams {
+    pub vm_id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub vcpu: i64,
+    #[serde(default)]
+    pub memory_mib: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_mib: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init_user_data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_iface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Params of `MicroVMStart`, `MicroVMStop`, `MicroVMDelete`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct MicroVmRefParams {
+    pub vm_id: String,
+}
+
+/// Action types in leases.
+pub const ACTION_CREATE: &str = "MicroVMCreate";
+pub const ACTION_START: &str = "MicroVMStart";
+pub const ACTION_STOP: &str = "MicroVMStop";
+pub const ACTION_DELETE: &str = "MicroVMDelete";
+
+/// One execution (one per plan action).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Execution {
+    pub id: String,
+    pub tenant_id: String,
+    pub site_id: String,
+    pub plan_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    pub operation_id: String,
+    /// `CREATE`, `START`, `STOP` or `DELETE`.
+    pub operation_type: String,
+    /// `PENDING`, `IN_PROGRESS`, `SUCCEEDED`, `FAILED` or `CANCELLED`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApplyPlanResponse {
+    pub plan_id: String,
+    pub plan_version: i64,
+    pub plan_status: String,
+    pub deduplicated: bool,
+    pub executions: Vec<Execution>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutionsResponse {
+    pub executions: Vec<Execution>,
+}
+
+/// `GET /v1/plans/next` (mTLS).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NextPlansResponse {
+    pub plans: Vec<LeasedPlan>,
+}
+
+/// The outcome of one action, as the agent reports it. Unknown fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ActionResult {
+    /// The execution row id from the lease (the earlier agent sends the plan-level id here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_id: Option<String>,
+    #[serde(default)]
+    pub action_id: String,
+    #[serde(default)]
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// `POST /v1/executions/result` (mTLS). Answers 202 `{"status":"accepted"}`; a repeated report is idempotent.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ExecutionResultRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_id: Option<String>,
+    #[serde(default)]
+    pub results: Vec<ActionResult>,
+}
+
+/// One log line of an execution.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct LogEntry {
+    #[serde(default)]
+    pub execution_id: String,
+    /// Lets the control plane resolve a plan-level `execution_id` (earlier agents) to the action's execution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_id: Option<String>,
+    #[serde(default)]
+    pub sequence: i64,
+    /// `DEBUG`, `INFO`, `WARN` or `ERROR`.
+    #[serde(default)]
+    pub severity: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emitted_at: Option<String>,
+}
+
+/// `POST /agents/logs` (mTLS): a batch of log lines.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct AgentLogsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub entries: Vec<LogEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogIngestResponse {
+    pub accepted_frames: i64,
+    pub dropped_frames: i64,
+}
+
+/// `POST /v1/logs` (mTLS): one frame, as the earlier agent sends it (`level`, not `severity`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct LogFrame {
+    #[serde(default)]
+    pub execution_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_id: Option<String>,
+    #[serde(default)]
+    pub sequence: i64,
+    #[serde(default)]
+    pub level: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emitted_at: Option<String>,
+}
+
+/// A stored log line, as `GET /executions/{executionID}/logs` returns it (ordered by `sequence`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecutionLog {
+    pub tenant_id: String,
+    pub execution_id: String,
+    pub sequence: i64,
+    pub severity: String,
+    pub message: String,
+    pub emitted_at: String,
+    pub ingested_at: String,
+}
+
+/// `GET /executions/{executionID}/logs?limit=N&after_sequence=S`: `next_after_sequence` is set when more
+/// lines follow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutionLogsResponse {
+    pub logs: Vec<ExecutionLog>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after_sequence: Option<i64>,
+}
+
+/// A microVM as `GET /sites/{siteID}/vms` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MicroVm {
+    pub id: String,
+    pub tenant_id: String,
+    pub site_id: String,
+    /// `""` while no host runs it (the reference's shape).
+    pub host_id: String,
+    pub name: String,
+    /// `CREATING`, `STOPPED`, `RUNNING`, `PAUSED`, `DELETING`, `DELETED` or `ERROR`.
+    pub state: String,
+    pub vcpu_count: i64,
+    pub memory_mib: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_at: Option<String>,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MicroVmsResponse {
+    pub vms: Vec<MicroVm>,
+}
