@@ -31,10 +31,7 @@ pub struct Config {
     pub heartbeat_offline_after: Duration,
     pub offline_sweep_interval: Duration,
     pub heartbeat_flush_interval: Duration,
-    /// Plan leasing (`PLAN_LEASE_TTL`, `MAX_PENDING_PLANS`): read and validated now, used by plan leasing.
-    #[allow(dead_code)]
     pub plan_lease_ttl: Duration,
-    #[allow(dead_code)]
     pub max_pending_plans: u32,
     pub enroll_rate_per_minute: u32,
     pub enroll_rate_burst: u32,

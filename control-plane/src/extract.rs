@@ -80,3 +80,16 @@ pub fn path_id<'a>(what: &str, id: &'a str) -> Result<&'a str, ApiError> {
         Err(ApiError::invalid_id(what))
     }
 }
+
+/// Query parameters with a typed JSON error (400 `VALIDATION_FAILED`) instead of axum's plain-text rejection.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|e| ApiError::validation(format!("invalid query: {}", e.body_text())))
+    }
+}

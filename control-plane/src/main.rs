@@ -11,6 +11,7 @@ mod extract;
 mod heartbeat_buffer;
 mod metrics;
 mod pki;
+mod plans;
 mod ratelimit;
 mod routes;
 mod server;
@@ -229,6 +230,7 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         enroll_limiter: ratelimit::RateLimiter::per_minute(cfg.enroll_rate_per_minute, cfg.enroll_rate_burst),
         metrics: metrics::Metrics::new(),
         agents: agents::AgentCache::default(),
+        open_plan_sites: plans::OpenPlanSites::default(),
         heartbeats: heartbeat_buffer::HeartbeatBuffer::default(),
         db: db.clone(),
         pki,

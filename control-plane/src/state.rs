@@ -20,6 +20,7 @@ pub struct AppState {
     pub agents: AgentCache,
     pub heartbeats: HeartbeatBuffer,
     pub enroll_limiter: RateLimiter,
+    pub open_plan_sites: crate::plans::OpenPlanSites,
     /// This control plane's version, and the oldest agent version it supports (N/N-1).
     pub version: semver::Version,
     pub min_agent_version: String,

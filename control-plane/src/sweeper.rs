@@ -109,6 +109,9 @@ pub async fn run(state: SharedState, mut shutdown: watch::Receiver<bool>) {
                     tracing::warn!(error = %e, "refreshing agent credentials");
                 }
                 state.enroll_limiter.housekeep();
+                if let Err(e) = state.open_plan_sites.refresh(&state.db).await {
+                    tracing::warn!(error = %e, "refreshing sites with open plans");
+                }
             }
             _ = gauge.tick() => {
                 if let Err(e) = refresh_version_gauge(&state).await {

@@ -8,6 +8,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, OptionalJsonBody};
 use crate::heartbeat_buffer::{PendingHeartbeat, VmSnapshot};
 use crate::pki::{AgentIdentity, PkiError};
+use crate::plans::Transition;
 use crate::state::SharedState;
 use crate::util::{now_ms, random_secret, rfc3339, secret_eq, sha256_hex};
 use axum::extract::State;
@@ -90,6 +91,11 @@ pub async fn heartbeat(
 ) -> ApiResult<Json<HeartbeatResponse>> {
     let started = Instant::now();
     check_agent_id(&auth, hb.agent_id.as_deref())?;
+    if hb.execution_updates.len() > MAX_VMS {
+        return Err(ApiError::validation(format!(
+            "at most {MAX_VMS} execution updates per heartbeat"
+        )));
+    }
     if hb.microvms.len() > MAX_VMS {
         return Err(ApiError::validation(format!(
             "at most {MAX_VMS} microvms per heartbeat"
@@ -146,6 +152,34 @@ pub async fn heartbeat(
     };
     state.heartbeats.push(pending);
 
+    // Execution progress must not be lost: written before the answer, unlike the coalesced part above.
+    if !hb.execution_updates.is_empty() {
+        let who = super::agent_plans::lessee(&auth);
+        let transitions: Vec<Transition> = hb
+            .execution_updates
+            .iter()
+            .filter_map(|u| {
+                let state = crate::plans::parse_state(&u.state)?;
+                crate::util::is_uuid(&u.execution_id).then(|| Transition {
+                    execution_id: u.execution_id.clone(),
+                    state,
+                    error_code: u.error_code.clone(),
+                    error_message: u.error_message.clone(),
+                })
+            })
+            .collect();
+        if !transitions.is_empty() {
+            let mut tx = state.db.pool.begin().await?;
+            sqlx::query("UPDATE agents SET updated_at = updated_at WHERE id = $1")
+                .bind(&auth.agent.id)
+                .execute(&mut *tx)
+                .await?;
+            crate::plans::apply_transitions(&mut tx, &who, &transitions).await?;
+            tx.commit().await?;
+        }
+    }
+    let pending_plans = super::agent_plans::lease_for(&state, &auth).await?;
+
     // An agent that does not say its version (the earlier Go agent) keeps the one it enrolled with.
     let version = match &agent_version {
         Some(v) if *v != auth.agent.agent_version => {
@@ -171,7 +205,7 @@ pub async fn heartbeat(
     state.metrics.heartbeat_ingest.observe(started.elapsed().as_secs_f64());
     Ok(Json(HeartbeatResponse {
         next_heartbeat_seconds: state.cfg.heartbeat_interval_secs(),
-        pending_plans: Vec::new(),
+        pending_plans,
         control_plane_version: state.version.to_string(),
         minimum_supported_agent_version: state.min_agent_version.clone(),
         agent_version_supported: supported,

@@ -2,8 +2,10 @@
 
 mod admin;
 mod agent;
+mod agent_plans;
 mod enroll;
 mod health;
+mod plans;
 mod tenant;
 
 use crate::error::ApiError;
@@ -45,6 +47,11 @@ pub fn router(state: SharedState) -> Router {
             post(tenant::revoke_agent),
         )
         .route("/sites/{site_id}/hosts", get(tenant::list_hosts))
+        .route("/sites/{site_id}/plans", post(plans::apply_plan))
+        .route("/sites/{site_id}/plans/{plan_id}", get(plans::get_plan))
+        .route("/sites/{site_id}/executions", get(plans::list_executions))
+        .route("/sites/{site_id}/vms", get(plans::list_vms))
+        .route("/executions/{execution_id}/logs", get(plans::execution_logs))
         // enrollment (token) and agents (mTLS)
         .route("/enroll", post(enroll::enroll))
         .route("/v1/enroll", post(enroll::enroll))
@@ -52,6 +59,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/heartbeat", post(agent::heartbeat))
         .route("/v1/renew", post(agent::renew))
         .route("/v1/unenroll", post(agent::unenroll))
+        .route("/v1/plans/next", get(agent_plans::next_plans))
+        .route("/v1/executions/result", post(agent_plans::report_results))
+        .route("/agents/logs", post(agent_plans::agent_logs))
+        .route("/v1/logs", post(agent_plans::v1_log))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -39,7 +39,12 @@ fn site_from_row(r: &sqlx::any::AnyRow) -> Result<Site, sqlx::Error> {
 
 /// Checks that `site_id` is a site of the key's tenant (404 otherwise, audited as cross-tenant when the site
 /// exists in another tenant).
-async fn require_site(state: &SharedState, auth: &TenantAuth, ctx: &RequestCtx, site_id: &str) -> ApiResult<()> {
+pub(super) async fn require_site(
+    state: &SharedState,
+    auth: &TenantAuth,
+    ctx: &RequestCtx,
+    site_id: &str,
+) -> ApiResult<()> {
     let owner: Option<String> = sqlx::query_scalar("SELECT tenant_id FROM sites WHERE id = $1")
         .bind(site_id)
         .fetch_optional(&state.db.pool)
