@@ -37,6 +37,8 @@ pub struct Config {
     pub enroll_rate_burst: u32,
     pub shutdown_timeout: Duration,
     pub json_logs: bool,
+    /// Operator floor for agent versions (`MINIMUM_AGENT_VERSION`); it can only narrow the N/N-1 rule.
+    pub minimum_agent_version: Option<semver::Version>,
 }
 
 /// Minimum length of an admin key in production mode.
@@ -121,6 +123,13 @@ impl Config {
             enroll_rate_burst: num("ENROLL_RATE_LIMIT_BURST", 20)?,
             shutdown_timeout: dur("HTTP_SHUTDOWN_TIMEOUT", "10s")?,
             json_logs: var("LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
+            minimum_agent_version: match var("MINIMUM_AGENT_VERSION") {
+                None => None,
+                Some(v) => Some(nkudo_core::version::parse(&v).map_err(|e| ConfigError::Invalid {
+                    var: "MINIMUM_AGENT_VERSION",
+                    message: e.to_string(),
+                })?),
+            },
         };
         cfg.validate()?;
         Ok(cfg)

@@ -201,7 +201,8 @@ fn admin_key(cfg: &Config) -> anyhow::Result<(String, Option<String>)> {
 
 async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     let version = nkudo_core::version::parse(VERSION).context("parsing this binary's version")?;
-    let min_agent_version = nkudo_core::version::minimum_supported_agent_version(&version).to_string();
+    let policy = nkudo_core::version::SupportPolicy::new(version, cfg.minimum_agent_version.clone());
+    let min_agent_version = policy.minimum().to_string();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let pki = pki::Pki::load_or_create(&pki::PkiConfig {
@@ -235,7 +236,7 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         db: db.clone(),
         pki,
         admin_key,
-        version,
+        policy,
         min_agent_version,
         cfg: cfg.clone(),
     });

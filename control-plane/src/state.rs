@@ -21,7 +21,7 @@ pub struct AppState {
     pub heartbeats: HeartbeatBuffer,
     pub enroll_limiter: RateLimiter,
     pub open_plan_sites: crate::plans::OpenPlanSites,
-    /// This control plane's version, and the oldest agent version it supports (N/N-1).
-    pub version: semver::Version,
+    /// This control plane's version and the agent versions it supports (N/N-1, `MINIMUM_AGENT_VERSION`).
+    pub policy: nkudo_core::version::SupportPolicy,
     pub min_agent_version: String,
 }

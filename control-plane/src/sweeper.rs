@@ -66,7 +66,7 @@ pub async fn refresh_version_gauge(state: &SharedState) -> Result<(), sqlx::Erro
     for r in rows {
         let version: String = r.try_get(0)?;
         let count: i64 = r.try_get(1)?;
-        let supported = nkudo_core::version::is_agent_version_supported(&state.version, &version);
+        let supported = state.policy.supports_str(&version);
         gauge
             .with_label_values(&[version.as_str(), if supported { "true" } else { "false" }])
             .set(count);

@@ -72,6 +72,48 @@ pub fn is_agent_version_supported(control_plane: &Version, agent: &str) -> bool 
         .unwrap_or(false)
 }
 
+/// The agent versions a control plane accepts: the N/N-1 rule, optionally raised by an operator-set floor
+/// (for example after a security fix: "nothing below 1.4.2"). The floor can only narrow the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupportPolicy {
+    control_plane: Version,
+    minimum: Version,
+}
+
+impl SupportPolicy {
+    pub fn new(control_plane: Version, floor: Option<Version>) -> SupportPolicy {
+        let rule = minimum_supported_agent_version(&control_plane);
+        let minimum = match floor {
+            Some(f) if f > rule => f,
+            _ => rule,
+        };
+        SupportPolicy { control_plane, minimum }
+    }
+
+    pub fn control_plane(&self) -> &Version {
+        &self.control_plane
+    }
+
+    /// What the heartbeat and enrollment answers call `minimum_supported_agent_version`.
+    pub fn minimum(&self) -> &Version {
+        &self.minimum
+    }
+
+    pub fn supports(&self, agent: &Version) -> bool {
+        is_agent_supported(&self.control_plane, agent) && *agent >= self.minimum
+    }
+
+    /// As [`SupportPolicy::supports`] for a reported version string; one that does not parse is unsupported.
+    pub fn supports_str(&self, agent: &str) -> bool {
+        parse(agent).map(|a| self.supports(&a)).unwrap_or(false)
+    }
+
+    /// Whether a (parsable) agent version is below the minimum: such an agent is refused at enrollment.
+    pub fn is_below_minimum(&self, agent: &Version) -> bool {
+        *agent < self.minimum
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +164,25 @@ mod tests {
         assert!(!is_agent_version_supported(&cp, "mvp1"));
         assert!(is_agent_version_supported(&cp, "v0.1.0"));
         assert!(is_agent_version_supported(&cp, "0.0.7"));
+    }
+
+    #[test]
+    fn a_floor_only_narrows_the_rule() {
+        let cp = v("1.5.0");
+        let p = SupportPolicy::new(cp.clone(), None);
+        assert_eq!(p.minimum(), &Version::new(1, 4, 0));
+        let p = SupportPolicy::new(cp.clone(), Some(v("1.4.2")));
+        assert_eq!(p.minimum(), &Version::new(1, 4, 2));
+        assert!(!p.supports(&v("1.4.1")));
+        assert!(p.is_below_minimum(&v("1.4.1")));
+        assert!(p.supports(&v("1.4.2")));
+        assert!(p.supports_str("v1.5.3"));
+        assert!(!p.supports_str("dev"));
+        let p = SupportPolicy::new(cp, Some(v("1.0.0")));
+        assert_eq!(
+            p.minimum(),
+            &Version::new(1, 4, 0),
+            "a floor below the rule changes nothing"
+        );
     }
 }

@@ -191,7 +191,7 @@ pub async fn heartbeat(
         }
         _ => auth.agent.agent_version.as_str(),
     };
-    let supported = nkudo_core::version::is_agent_version_supported(&state.version, version);
+    let supported = state.policy.supports_str(version);
     state
         .metrics
         .heartbeats
@@ -206,7 +206,7 @@ pub async fn heartbeat(
     Ok(Json(HeartbeatResponse {
         next_heartbeat_seconds: state.cfg.heartbeat_interval_secs(),
         pending_plans,
-        control_plane_version: state.version.to_string(),
+        control_plane_version: state.policy.control_plane().to_string(),
         minimum_supported_agent_version: state.min_agent_version.clone(),
         agent_version_supported: supported,
         rotate_certificate: rotate,

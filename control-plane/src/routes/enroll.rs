@@ -93,6 +93,24 @@ pub async fn enroll(
         .map_err(|e| refuse(&state, "invalid_request", e))?;
     let req: EnrollRequest = parse_json(&body).map_err(|e| refuse(&state, "invalid_request", e))?;
     let hostname = validate(&req).map_err(|e| refuse(&state, "invalid_request", e))?;
+    // N/N-1: an agent older than the oldest supported version is refused. A version that does not parse
+    // (`dev` builds of the earlier agent) is enrolled and reported unsupported, so that it can be upgraded.
+    if let Ok(v) = nkudo_core::version::parse(&req.agent_version) {
+        if state.policy.is_below_minimum(&v) {
+            return Err(refuse(
+                &state,
+                "version_unsupported",
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::AgentVersionUnsupported,
+                    format!(
+                        "agent version {v} is not supported: the minimum supported agent version is {}",
+                        state.min_agent_version
+                    ),
+                ),
+            ));
+        }
+    }
     let token_hash = sha256_hex(req.enrollment_token.trim().as_bytes());
     let now = now_ms();
 

@@ -211,7 +211,7 @@ fn agent_from_row(state: &SharedState, r: &sqlx::any::AnyRow) -> Result<Agent, s
         site_id: r.try_get(2)?,
         host_id: r.try_get(3)?,
         hostname: r.try_get(4)?,
-        agent_version_supported: nkudo_core::version::is_agent_version_supported(&state.version, &version),
+        agent_version_supported: state.policy.supports_str(&version),
         agent_version: version,
         state: r.try_get(6)?,
         enrolled_at: rfc3339(r.try_get(7)?),
