@@ -23,7 +23,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use config::Config;
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 
 /// The version this binary reports (set `NKUDO_VERSION` at build time to override the crate version).
@@ -155,25 +154,6 @@ async fn audit_verify(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
-/// Writes `data` to `path` atomically (temp file, fsync, rename) with mode 0600.
-fn write_secret_file(path: &Path, data: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// The admin key: from `ADMIN_KEY`, or (dev mode) the one generated on first start and kept in the data dir.
 fn admin_key(cfg: &Config) -> anyhow::Result<(String, Option<String>)> {
     if let Some(k) = &cfg.admin_key {
@@ -187,7 +167,9 @@ fn admin_key(cfg: &Config) -> anyhow::Result<(String, Option<String>)> {
         )),
         _ => {
             let key = format!("nkadm_{}", util::random_secret());
-            write_secret_file(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .and_then(|_| nkudo_core::fsutil::write_atomic(&path, key.as_bytes(), 0o600))
+                .with_context(|| format!("writing {}", path.display()))?;
             Ok((
                 key.clone(),
                 Some(format!(

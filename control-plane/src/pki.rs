@@ -31,7 +31,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1167,56 +1167,9 @@ fn tighten_key_permissions(path: &Path) -> Result<(), PkiError> {
     Ok(())
 }
 
-/// Writes `data` to `path` atomically: temporary file in the same directory, write, fsync,
-/// rename over `path`, fsync the directory.
+/// Writes `data` to `path` atomically (see [`nkudo_core::fsutil::write_atomic`]).
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let result = (|| -> io::Result<()> {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(mode);
-        }
-        let mut file = options.open(&tmp)?;
-        #[cfg(unix)]
-        {
-            // The creation mode is filtered by the umask; make it exact.
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
-        file.write_all(data)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    result.map_err(io_err(path))
-}
-
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
-    Ok(())
+    nkudo_core::fsutil::write_atomic(path, data, mode).map_err(io_err(path))
 }
 
 #[cfg(test)]

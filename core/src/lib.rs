@@ -3,10 +3,12 @@
 //! * [`api`]: the wire types of the control plane's HTTP API and its error codes. The routes and field names
 //!   stay compatible with the earlier Go implementation so that agents already in the field keep working.
 //! * [`build_info`]: version, git commit, build date and target triple of this build, and the `version` text.
+//! * [`fsutil`]: crash-safe (atomic) file writes.
 //! * [`version`]: the SemVer policy: channels, the pre-release format and the N/N-1 agent compatibility rule.
 //!
 //! This crate has no runtime dependencies (no tokio, no HTTP, no SQL) so that every binary can use it.
 
 pub mod api;
 pub mod build_info;
+pub mod fsutil;
 pub mod version;
