@@ -1,19 +1,568 @@
-//! `releaser`: the n-kudo release captain's tool.
-//!
-//! For now only the command-line skeleton exists: build, package, sign, verify, promote, install and rollout
-//! arrive with their issues. Nothing here pretends to do them.
+//! `releaser`: the n-kudo release captain's tool. A thin CLI over the `releaser` library.
 
-use clap::Parser;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use nkudo_core::build_info;
+use releaser::minisign::{KeyProtection, PublicKey, SecretKey, DEFAULT_MEMLIMIT, DEFAULT_OPSLIMIT};
+use releaser::{cross, dist, fsutil, verify, version};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-/// The n-kudo release captain's tool. Build, package, sign, verify, promote and rollout are later issues;
-/// so far only `--version` exists.
+/// Environment variable holding a whole secret key file (for CI, with an unencrypted key in a secret).
+const ENV_KEY: &str = "NKUDO_SIGNING_KEY";
+/// Environment variable naming a secret key file.
+const ENV_KEY_FILE: &str = "NKUDO_SIGNING_KEY_FILE";
+/// Environment variable holding the secret key's passphrase (else it is asked on the terminal).
+const ENV_PASSPHRASE: &str = "NKUDO_SIGNING_KEY_PASSPHRASE";
+
+/// Exit status: verification found a problem (a file, its reason).
+const EXIT_VERIFY_FAILED: u8 = 3;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  error (bad input, I/O, build failure, wrong passphrase)
+  2  usage error (bad arguments)
+  3  verification failed (`verify`: a tampered file, another key, an expired manifest, a missing file)
+
+Signing keys: --key FILE, or $NKUDO_SIGNING_KEY_FILE, or the key file's content in $NKUDO_SIGNING_KEY (CI).
+An encrypted key's passphrase comes from $NKUDO_SIGNING_KEY_PASSPHRASE or is asked on the terminal. Key
+material is never printed.";
+
+/// The n-kudo release captain's tool: cross-build static binaries, package them, write SHA256SUMS and a
+/// manifest, sign everything in minisign format, and verify a release directory.
+///
+/// `cargo xtask dist` runs `releaser dist`. Outputs are reproducible: the same commit, SOURCE_DATE_EPOCH and key
+/// give byte-identical files (Ed25519 signatures are deterministic; no wall clock is recorded).
 #[derive(Debug, Parser)]
-#[command(name = "releaser", version, about, long_about, arg_required_else_help = true)]
-struct Cli {}
+#[command(
+    name = "releaser",
+    version = build_info::clap_version(),
+    about,
+    long_about,
+    after_help = AFTER_HELP,
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    // With no arguments clap prints the help and exits 2; `--version` and `--help` exit 0. No command exists yet.
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Print this binary's version, commit, target and build date (the same as --version).
+    Version(OutputArg),
+    /// Print the release version git gives for HEAD (`vX.Y.Z` tag, else `{base}-pre.{count}+{sha}`).
+    GitVersion(GitVersionArgs),
+    /// Write a new minisign key pair: <name>.key (secret, mode 0600) and <name>.pub.
+    Keygen(KeygenArgs),
+    /// Sign files: writes <file>.minisig (minisign ED) next to each.
+    Sign(SignArgs),
+    /// Cross-build the static musl binaries (cargo zigbuild --profile dist).
+    Build(BuildArgs),
+    /// Package built binaries: tarballs, OCI archive, manifest.json, SHA256SUMS, signatures, public key.
+    Package(PackageArgs),
+    /// Build, then package: the whole release directory.
+    Dist(DistArgs),
+    /// Verify a release directory: every signature, size, SHA-256 and the manifest's expiry.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct OutputArg {
+    /// Output format (json for machines).
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct GitVersionArgs {
+    /// The repository (default: the current directory).
+    #[arg(long, default_value = ".")]
+    repo: PathBuf,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Directory for the key files.
+    #[arg(long, default_value = ".")]
+    out_dir: PathBuf,
+    /// Base name of the key files.
+    #[arg(long, default_value = "nkudo-release")]
+    name: String,
+    /// Store the secret key unencrypted (minisign -W), e.g. for a CI secret variable.
+    #[arg(long)]
+    unencrypted: bool,
+    /// Overwrite existing key files.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct KeyArg {
+    /// The secret key file (else $NKUDO_SIGNING_KEY_FILE or $NKUDO_SIGNING_KEY).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct SignArgs {
+    #[command(flatten)]
+    key: KeyArg,
+    /// Trusted comment (signed). Default: `file:<name>\thashed`.
+    #[arg(long)]
+    trusted_comment: Option<String>,
+    /// Files to sign.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ReleaseArgs {
+    /// The workspace root (default: the current directory).
+    #[arg(long, default_value = ".")]
+    workspace: PathBuf,
+    /// Target triples (repeatable; default: x86_64 and aarch64 linux musl).
+    #[arg(long = "target", value_name = "TRIPLE")]
+    targets: Vec<String>,
+    /// Cargo target directory (default: $CARGO_TARGET_DIR or <workspace>/target).
+    #[arg(long)]
+    target_dir: Option<PathBuf>,
+    /// Release version instead of the one computed from git (SemVer, with or without a leading v).
+    #[arg(long = "version", value_name = "VERSION")]
+    release_version: Option<String>,
+    /// Git commit recorded instead of HEAD's.
+    #[arg(long)]
+    git_commit: Option<String>,
+    /// Build time (Unix seconds; default $SOURCE_DATE_EPOCH, else HEAD's commit time).
+    #[arg(long, env = "SOURCE_DATE_EPOCH")]
+    source_date_epoch: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    release: ReleaseArgs,
+}
+
+#[derive(Debug, Args)]
+struct PackageOpts {
+    /// Output directory (replaced as a whole).
+    #[arg(long, default_value = "dist")]
+    out: PathBuf,
+    /// Days the manifest stays valid after the build date.
+    #[arg(long, default_value_t = dist::DEFAULT_EXPIRY_DAYS)]
+    expires_in_days: u32,
+    /// CA bundle copied into the OCI image.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    ca_bundle: PathBuf,
+    #[command(flatten)]
+    key: KeyArg,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct PackageArgs {
+    #[command(flatten)]
+    release: ReleaseArgs,
+    #[command(flatten)]
+    opts: PackageOpts,
+}
+
+#[derive(Debug, Args)]
+struct DistArgs {
+    #[command(flatten)]
+    release: ReleaseArgs,
+    #[command(flatten)]
+    opts: PackageOpts,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The release directory.
+    dir: PathBuf,
+    /// The trusted public key file (minisign format). Never taken from the directory itself.
+    #[arg(long, value_name = "FILE", required_unless_present = "public_key_string")]
+    public_key: Option<PathBuf>,
+    /// The trusted public key as its base64 line (`RWQ...`, what `minisign -P` takes).
+    #[arg(long, value_name = "BASE64", conflicts_with = "public_key")]
+    public_key_string: Option<String>,
+    /// Check the expiry at this RFC 3339 time instead of now.
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Version(a) => cmd_version(a),
+        Cmd::GitVersion(a) => cmd_git_version(a),
+        Cmd::Keygen(a) => cmd_keygen(a),
+        Cmd::Sign(a) => cmd_sign(a),
+        Cmd::Build(a) => cmd_build(&a.release).map(|_| ExitCode::SUCCESS),
+        Cmd::Package(a) => cmd_package(&a.release, &a.opts),
+        Cmd::Dist(a) => cmd_dist(a),
+        Cmd::Verify(a) => cmd_verify(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("releaser: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn cmd_version(a: OutputArg) -> Result<ExitCode> {
+    match a.output {
+        Output::Json => print_json(&build_info::BUILD_INFO)?,
+        Output::Text => println!("{}", build_info::version_text("releaser")),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_git_version(a: GitVersionArgs) -> Result<ExitCode> {
+    let v = version::from_git(&a.repo)?;
+    match a.output.output {
+        Output::Json => print_json(&serde_json::json!({
+            "version": v.version.to_string(),
+            "channel": v.channel.as_str(),
+            "git_commit": v.commit,
+            "commit_time": v.commit_time,
+            "dirty": v.dirty,
+        }))?,
+        Output::Text => println!("{}", v.version),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_passphrase(confirm: bool) -> Result<zeroize::Zeroizing<String>> {
+    if let Ok(p) = std::env::var(ENV_PASSPHRASE) {
+        return Ok(zeroize::Zeroizing::new(p));
+    }
+    let p = zeroize::Zeroizing::new(
+        rpassword::prompt_password("Passphrase for the secret key: ")
+            .with_context(|| format!("reading the passphrase (no terminal? set ${ENV_PASSPHRASE})"))?,
+    );
+    if confirm {
+        let again = zeroize::Zeroizing::new(rpassword::prompt_password("Passphrase again: ")?);
+        if *again != *p {
+            bail!("the passphrases differ");
+        }
+    }
+    if p.is_empty() {
+        bail!("empty passphrase (use --unencrypted for a key without one)");
+    }
+    Ok(p)
+}
+
+fn cmd_keygen(a: KeygenArgs) -> Result<ExitCode> {
+    let sk_path = a.out_dir.join(format!("{}.key", a.name));
+    let pk_path = a.out_dir.join(format!("{}.pub", a.name));
+    for p in [&sk_path, &pk_path] {
+        if p.exists() && !a.force {
+            bail!("{} exists (use --force to overwrite)", p.display());
+        }
+    }
+    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("creating {}", a.out_dir.display()))?;
+    let key = SecretKey::generate();
+    let text = if a.unencrypted {
+        key.to_file_text(&KeyProtection::Unencrypted)?
+    } else {
+        let pass = read_passphrase(true)?;
+        key.to_file_text(&KeyProtection::Passphrase {
+            passphrase: &pass,
+            opslimit: DEFAULT_OPSLIMIT,
+            memlimit: DEFAULT_MEMLIMIT,
+        })?
+    };
+    fsutil::write_atomic(&sk_path, text.as_bytes(), 0o600).with_context(|| format!("writing {}", sk_path.display()))?;
+    let pk = key.public_key();
+    fsutil::write_atomic(&pk_path, pk.to_file_text().as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", pk_path.display()))?;
+    match a.output.output {
+        Output::Json => print_json(&serde_json::json!({
+            "key_id": pk.key_id.to_string(),
+            "public_key": pk.to_base64(),
+            "secret_key_file": sk_path,
+            "public_key_file": pk_path,
+            "encrypted": !a.unencrypted,
+        }))?,
+        Output::Text => {
+            println!("key id {}", pk.key_id);
+            println!("secret key: {} (keep it secret)", sk_path.display());
+            println!("public key: {}  ({})", pk_path.display(), pk.to_base64());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_key(arg: &KeyArg) -> Result<SecretKey> {
+    let (text, source) = if let Some(path) = &arg.key {
+        (read_key_file(path)?, path.display().to_string())
+    } else if let Some(path) = std::env::var_os(ENV_KEY_FILE) {
+        let path = PathBuf::from(path);
+        (read_key_file(&path)?, path.display().to_string())
+    } else if let Ok(text) = std::env::var(ENV_KEY) {
+        (zeroize::Zeroizing::new(text), format!("${ENV_KEY}"))
+    } else {
+        bail!("no signing key: pass --key FILE, or set ${ENV_KEY_FILE} or ${ENV_KEY}");
+    };
+    let encrypted = SecretKey::file_is_encrypted(&text).with_context(|| format!("reading the key from {source}"))?;
+    let pass = if encrypted { Some(read_passphrase(false)?) } else { None };
+    SecretKey::from_file_text(&text, pass.as_deref().map(|s| s.as_str()))
+        .with_context(|| format!("reading the key from {source}"))
+}
+
+fn read_key_file(path: &Path) -> Result<zeroize::Zeroizing<String>> {
+    Ok(zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    ))
+}
+
+fn cmd_sign(a: SignArgs) -> Result<ExitCode> {
+    let key = load_key(&a.key)?;
+    for file in &a.files {
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("{} has no file name", file.display()))?;
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let digest = releaser::minisign::blake2b512_reader(f).with_context(|| format!("reading {}", file.display()))?;
+        let tc = a.trusted_comment.clone().unwrap_or_else(|| format!("file:{name}\thashed"));
+        let sig = key.sign_prehashed(&digest, &tc, dist::UNTRUSTED_COMMENT)?;
+        let mut out = file.clone().into_os_string();
+        out.push(".minisig");
+        let out = PathBuf::from(out);
+        fsutil::write_atomic(&out, sig.to_file_text().as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("signed {} -> {}", file.display(), out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Version, commit and SOURCE_DATE_EPOCH of a release, from the flags or git.
+struct Resolved {
+    version: semver::Version,
+    commit: String,
+    epoch: u64,
+    targets: Vec<String>,
+    target_dir: PathBuf,
+}
+
+fn resolve(r: &ReleaseArgs) -> Result<Resolved> {
+    let git = version::from_git(&r.workspace);
+    let (version, commit, commit_time) = match (&r.release_version, &git) {
+        (Some(v), _) => {
+            let v = nkudo_core::version::parse(v)?;
+            let commit = r
+                .git_commit
+                .clone()
+                .or_else(|| git.as_ref().ok().map(|g| g.commit.clone()))
+                .unwrap_or_else(|| "unknown".into());
+            (v, commit, git.as_ref().ok().map(|g| g.commit_time))
+        }
+        (None, Ok(g)) => {
+            if g.dirty {
+                eprintln!(
+                    "releaser: warning: the work tree has uncommitted changes; the build is not exactly {}",
+                    g.commit
+                );
+            }
+            (
+                g.version.clone(),
+                r.git_commit.clone().unwrap_or_else(|| g.commit.clone()),
+                Some(g.commit_time),
+            )
+        }
+        (None, Err(e)) => bail!("computing the version from git: {e} (or pass --version)"),
+    };
+    let epoch = r
+        .source_date_epoch
+        .or(commit_time)
+        .context("no SOURCE_DATE_EPOCH and no git commit time")?;
+    let targets = if r.targets.is_empty() {
+        cross::DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        r.targets.clone()
+    };
+    let target_dir = match (&r.target_dir, std::env::var_os("CARGO_TARGET_DIR")) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => r.workspace.join(d),
+        (None, None) => r.workspace.join("target"),
+    };
+    Ok(Resolved {
+        version,
+        commit,
+        epoch,
+        targets,
+        target_dir,
+    })
+}
+
+fn cmd_build(r: &ReleaseArgs) -> Result<Resolved> {
+    let res = resolve(r)?;
+    let req = cross::BuildRequest {
+        workspace: r.workspace.clone(),
+        targets: res.targets.clone(),
+        version: res.version.to_string(),
+        git_commit: res.commit.clone(),
+        build_date: dist::rfc3339(res.epoch).context("SOURCE_DATE_EPOCH out of range")?,
+        source_date_epoch: res.epoch,
+        cargo: std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+    };
+    eprintln!(
+        "releaser: building {} for {} (commit {}, SOURCE_DATE_EPOCH {})",
+        res.version,
+        res.targets.join(", "),
+        res.commit,
+        res.epoch
+    );
+    let started = Instant::now();
+    let spinner = spinner("cross-building with cargo zigbuild (output below)");
+    let result = req.run();
+    spinner.finish_and_clear();
+    result?;
+    eprintln!("releaser: build done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(res)
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("static template"));
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+fn cmd_package(r: &ReleaseArgs, o: &PackageOpts) -> Result<ExitCode> {
+    let res = resolve(r)?;
+    package_resolved(r, o, &res)
+}
+
+fn package_resolved(r: &ReleaseArgs, o: &PackageOpts, res: &Resolved) -> Result<ExitCode> {
+    let key = load_key(&o.key)?;
+    let req = dist::PackageRequest {
+        workspace: r.workspace.clone(),
+        target_dir: res.target_dir.clone(),
+        targets: res.targets.clone(),
+        out_dir: o.out.clone(),
+        version: res.version.clone(),
+        git_commit: res.commit.clone(),
+        source_date_epoch: res.epoch,
+        expiry_days: o.expires_in_days,
+        ca_bundle: o.ca_bundle.clone(),
+        key: &key,
+    };
+    let total = (res.targets.len() * cross::BINARIES.len() + 1) as u64;
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} artifacts {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let report = dist::package(&req, &|name: &str| {
+        pb.inc(1);
+        pb.set_message(name.to_string());
+    });
+    pb.finish_and_clear();
+    let report = report?;
+    match o.output.output {
+        Output::Json => print_json(&report)?,
+        Output::Text => {
+            println!(
+                "{} ({}) commit {} built {} expires {}, signed by key {}",
+                report.version, report.channel, report.git_commit, report.build_date, report.expires, report.key_id
+            );
+            for (bin, size) in &report.binaries {
+                println!("  binary   {size:>10}  {bin}");
+            }
+            for f in &report.files {
+                println!("  artifact {:>10}  {}", f.size, f.name);
+            }
+            println!(
+                "wrote {} (packaging, checksums and signatures in {:.2}s)",
+                report.out_dir.display(),
+                report.elapsed.as_secs_f64()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_dist(a: DistArgs) -> Result<ExitCode> {
+    // Load the key first: a missing key or passphrase should fail before a long build.
+    load_key(&a.opts.key)?;
+    let res = cmd_build(&a.release)?;
+    package_resolved(&a.release, &a.opts, &res)
+}
+
+fn cmd_verify(a: VerifyArgs) -> Result<ExitCode> {
+    let key = match (&a.public_key, &a.public_key_string) {
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            PublicKey::from_file_text(&text).with_context(|| format!("reading the public key {}", p.display()))?
+        }
+        (None, Some(s)) => PublicKey::from_base64(s).context("reading --public-key-string")?,
+        (None, None) => bail!("a trusted public key is required (--public-key FILE or --public-key-string)"),
+    };
+    let now = match &a.at {
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .with_context(|| format!("--at {t:?} is not RFC 3339"))?
+            .with_timezone(&chrono::Utc),
+        None => chrono::Utc::now(),
+    };
+    let report = verify::verify_dir(&a.dir, &key, now);
+    match a.output.output {
+        Output::Json => print_json(&report)?,
+        Output::Text => {
+            for f in &report.verified {
+                println!("ok       {f}");
+            }
+            for f in &report.unlisted {
+                println!("unlisted {f} (not covered by the manifest or SHA256SUMS; not trusted)");
+            }
+            for p in &report.problems {
+                println!("FAILED   {p}");
+            }
+            if report.ok {
+                println!(
+                    "verified {} ({}), expires {}, key {}",
+                    report.version.as_deref().unwrap_or("?"),
+                    report.channel.as_deref().unwrap_or("?"),
+                    report.expires.as_deref().unwrap_or("?"),
+                    report.key_id
+                );
+            } else {
+                println!("verification FAILED: {} problem(s)", report.problems.len());
+            }
+        }
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VERIFY_FAILED)
+    })
 }
 
 #[cfg(test)]
@@ -24,5 +573,25 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dist_takes_version_and_targets() {
+        let cli = Cli::try_parse_from([
+            "releaser",
+            "dist",
+            "--version",
+            "1.2.3",
+            "--target",
+            "aarch64-unknown-linux-musl",
+        ])
+        .unwrap();
+        match cli.command {
+            Cmd::Dist(d) => {
+                assert_eq!(d.release.release_version.as_deref(), Some("1.2.3"));
+                assert_eq!(d.release.targets, ["aarch64-unknown-linux-musl"]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

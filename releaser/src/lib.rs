@@ -1,0 +1,23 @@
+//! n-kudo's release logic, behind the `releaser` CLI (and `cargo xtask dist`).
+//!
+//! * [`version`]: the release version from git (`vX.Y.Z` tags, else `{base}-pre.{count}+{sha}`);
+//! * [`cross`]: the static musl cross build (`cargo zigbuild --profile dist`);
+//! * [`package`]: deterministic `.tar.gz` archives;
+//! * [`oci`]: the control plane's multi-arch OCI image archive, without a container daemon;
+//! * [`checksums`]: SHA-256 and `SHA256SUMS`;
+//! * [`manifest`]: `manifest.json` and canonical JSON;
+//! * [`minisign`]: minisign keys and deterministic `ED` signatures (ed25519-dalek + BLAKE2b, scrypt keys);
+//! * [`dist`]: from built binaries to a signed release directory;
+//! * [`verify`]: checks a release directory: every signature, hash, size and the expiry;
+//! * [`fsutil`]: atomic file writes.
+
+pub mod checksums;
+pub mod cross;
+pub mod dist;
+pub mod fsutil;
+pub mod manifest;
+pub mod minisign;
+pub mod oci;
+pub mod package;
+pub mod verify;
+pub mod version;
