@@ -18,7 +18,7 @@
 
 use crate::checksums;
 use crate::cross::{arch_of, binary_path};
-use crate::fsutil::write_atomic;
+use nkudo_core::fsutil::write_atomic;
 use crate::manifest::{Artifact, Manifest, PRODUCT, SCHEMA_VERSION};
 use crate::minisign::{blake2b512, MinisignError, SecretKey};
 use crate::oci;

@@ -8,13 +8,13 @@
 //! * [`manifest`]: `manifest.json` and canonical JSON;
 //! * [`minisign`]: minisign keys and deterministic `ED` signatures (ed25519-dalek + BLAKE2b, scrypt keys);
 //! * [`dist`]: from built binaries to a signed release directory;
-//! * [`verify`]: checks a release directory: every signature, hash, size and the expiry;
-//! * [`fsutil`]: atomic file writes.
+//! * [`verify`]: checks a release directory: every signature, hash, size and the expiry.
+//!
+//! Files are written atomically with `nkudo_core::fsutil::write_atomic` (temp, fsync, rename).
 
 pub mod checksums;
 pub mod cross;
 pub mod dist;
-pub mod fsutil;
 pub mod manifest;
 pub mod minisign;
 pub mod oci;
