@@ -3,6 +3,9 @@
 //! * `cargo xtask test [-- <cargo test args>]` (alias `ci`): THE test command. In order: Postgres answers at
 //!   127.0.0.1:5432 (installed and started when missing), `openssl` is present, `cargo fmt --check`,
 //!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, `cargo test --workspace --no-fail-fast`.
+//! * `cargo xtask dist [--version V] [--target T]... [--out DIR] [--key FILE]`: the release directory (static musl
+//!   cross builds with cargo-zigbuild, packages, OCI archive, SHA256SUMS, manifest, minisign signatures): builds
+//!   `releaser` for this machine and runs `releaser dist`, where the logic lives.
 //! * `cargo xtask bench heartbeat [...]`: builds the control plane and `nkudo-bench` in release and runs the
 //!   heartbeat benchmark against SQLite and/or Postgres.
 //!
@@ -45,6 +48,26 @@ enum Cmd {
     /// Benchmarks (release builds).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Build the release directory: static musl binaries for x86_64 and aarch64, tarballs, a multi-arch OCI
+    /// archive, SHA256SUMS, manifest.json and minisign signatures (see `releaser dist --help`).
+    Dist(DistArgs),
+}
+
+#[derive(Debug, Args)]
+struct DistArgs {
+    /// Release version instead of the one git gives (`vX.Y.Z` tag, else `{base}-pre.{count}+{sha}`).
+    #[arg(long = "version", value_name = "VERSION")]
+    release_version: Option<String>,
+    /// Target triples (repeatable; default x86_64-unknown-linux-musl and aarch64-unknown-linux-musl).
+    #[arg(long = "target", value_name = "TRIPLE")]
+    targets: Vec<String>,
+    /// Output directory (replaced as a whole).
+    #[arg(long, default_value = "dist")]
+    out: PathBuf,
+    /// Secret signing key (else $NKUDO_SIGNING_KEY_FILE or $NKUDO_SIGNING_KEY; else a development key under
+    /// target/, with a loud warning).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +131,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) | Cmd::Ci(args) => test(ctx, args),
         Cmd::Setup => setup(ctx),
         Cmd::Bench(BenchCmd::Heartbeat(args)) => bench_heartbeat(ctx, args),
+        Cmd::Dist(args) => dist(ctx, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,7 +201,7 @@ impl Ctx {
     }
 
     /// Runs one named step: prints `==> name`, times it, and names it in the error.
-    fn step(&mut self, name: &str, f: impl FnOnce(&mut Ctx) -> Result<()>) -> Result<()> {
+    fn step<T>(&mut self, name: &str, f: impl FnOnce(&mut Ctx) -> Result<T>) -> Result<T> {
         println!();
         println!("==> {name}");
         let started = Instant::now();
@@ -235,6 +259,9 @@ fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
     ctx.step("cargo build --workspace --bins --tests", |ctx| {
         run(&mut ctx.cargo(&["build", "--workspace", "--bins", "--tests"]))
     })?;
+    // The release directory the dist tests (releaser/tests/dist.rs) check with the real tools. Built here,
+    // before `cargo test`, because a test cannot run cargo (the target directory lock).
+    dist_for_tests(&mut ctx)?;
     // The harness finds the binaries next to the test executables (target/debug); NKUDO_BIN_DIR is not set.
     // --no-fail-fast: every test binary runs, so one CI run shows every failure (the step still fails).
     let test_name = if args.cargo_test_args.is_empty() {
@@ -592,6 +619,232 @@ fn ensure_component(ctx: &mut Ctx, sub: &str, component: &str) -> Result<()> {
     run(Command::new("rustup")
         .args(["component", "add", component])
         .stdin(Stdio::null()))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// cargo xtask dist
+
+/// Pinned versions of the cross toolchain (PyPI): zig is the C compiler and linker for both musl targets.
+const ZIGLANG_VERSION: &str = "0.13.0.post1";
+const CARGO_ZIGBUILD_VERSION: &str = "0.19.8";
+const DIST_TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
+
+fn dist(mut ctx: Ctx, args: DistArgs) -> Result<()> {
+    let started = Instant::now();
+    ctx.step("cross toolchain (rustup musl targets, cargo-zigbuild, zig)", |_ctx| {
+        ensure_cross_toolchain(&args.targets)
+    })?;
+    ctx.step("cargo build --release -p nkudo-releaser", |ctx| {
+        run(&mut ctx.cargo(&["build", "--release", "-p", "nkudo-releaser", "--bin", "releaser"]))
+    })?;
+    let releaser = ctx.target_dir().join("release").join("releaser");
+    let key = match &args.key {
+        Some(k) => Some(k.clone()),
+        None if std::env::var_os("NKUDO_SIGNING_KEY_FILE").is_some() || std::env::var_os("NKUDO_SIGNING_KEY").is_some() => {
+            None
+        }
+        None => Some(dev_signing_key(&mut ctx, &releaser)?),
+    };
+    let out = ctx.root.join(&args.out);
+    ctx.step(&format!("releaser dist --out {}", args.out.display()), |ctx| {
+        run_releaser_dist(ctx, &releaser, &out, key.as_deref(), args.release_version.as_deref(), &args.targets)
+    })?;
+    println!();
+    println!("==> dist done in {:.0}s: {}", started.elapsed().as_secs_f64(), out.display());
+    for (name, took) in &ctx.timings {
+        println!("    {:>6.1}s  {name}", took.as_secs_f64());
+    }
+    Ok(())
+}
+
+/// A development signing key under target/ (made once, kept so that re-runs are reproducible). Never for a
+/// real release: those pass --key or NKUDO_SIGNING_KEY(_FILE).
+fn dev_signing_key(ctx: &mut Ctx, releaser: &Path) -> Result<PathBuf> {
+    let dir = ctx.target_dir().join("dev-release-key");
+    let key = dir.join("nkudo-dev-release.key");
+    let bar = "!".repeat(100);
+    println!("{bar}");
+    println!("!!! No signing key given (--key, NKUDO_SIGNING_KEY_FILE, NKUDO_SIGNING_KEY): signing with the");
+    println!("!!! DEVELOPMENT key {}. Do not publish this release.", key.display());
+    println!("{bar}");
+    if !key.exists() {
+        run(Command::new(releaser)
+            .args(["keygen", "--unencrypted", "--name", "nkudo-dev-release", "--out-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null()))?;
+    }
+    Ok(key)
+}
+
+fn run_releaser_dist(
+    ctx: &Ctx,
+    releaser: &Path,
+    out: &Path,
+    key: Option<&Path>,
+    version: Option<&str>,
+    targets: &[String],
+) -> Result<()> {
+    let mut cmd = Command::new(releaser);
+    cmd.arg("dist")
+        .arg("--workspace")
+        .arg(&ctx.root)
+        .arg("--out")
+        .arg(out)
+        .current_dir(&ctx.root)
+        .env("CARGO", &ctx.cargo)
+        .stdin(Stdio::null());
+    if let Some(k) = key {
+        cmd.arg("--key").arg(k);
+    }
+    if let Some(v) = version {
+        cmd.args(["--version", v]);
+    }
+    for t in targets {
+        cmd.args(["--target", t]);
+    }
+    run(&mut cmd)
+}
+
+/// rustup targets, cargo-zigbuild and zig (PyPI `ziglang`, pinned). Fails when they cannot be had.
+fn ensure_cross_toolchain(targets: &[String]) -> Result<()> {
+    let wanted: Vec<String> = if targets.is_empty() {
+        DIST_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        targets.to_vec()
+    };
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .map(String::as_str)
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing)
+            .stdin(Stdio::null()))?;
+    }
+    // (`cargo zigbuild --version` is not a thing; the binary answers `--version`.)
+    let zigbuild_ok = version_of("cargo-zigbuild", &["--version"])
+        .is_some_and(|v| v.ends_with(CARGO_ZIGBUILD_VERSION));
+    let zig_ok = zig_version().is_some();
+    if !zigbuild_ok || !zig_ok {
+        println!("    installing ziglang=={ZIGLANG_VERSION} and cargo-zigbuild=={CARGO_ZIGBUILD_VERSION} from PyPI");
+        let python = if have("python3") { "python3" } else { "python" };
+        run(Command::new(python)
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
+            .arg(format!("ziglang=={ZIGLANG_VERSION}"))
+            .arg(format!("cargo-zigbuild=={CARGO_ZIGBUILD_VERSION}"))
+            .stdin(Stdio::null()))
+        .context("pip install ziglang cargo-zigbuild (needs python3 with pip)")?;
+    }
+    let v = version_of("cargo-zigbuild", &["--version"]).context("cargo-zigbuild still missing after pip install")?;
+    println!("    {v}, zig {}", zig_version().context("zig still missing after pip install")?);
+    Ok(())
+}
+
+/// zig's version, from `zig` on PATH or the `ziglang` Python package (what cargo-zigbuild uses).
+fn zig_version() -> Option<String> {
+    version_of("zig", &["version"])
+        .or_else(|| version_of("python3", &["-m", "ziglang", "version"]))
+        .filter(|v| !v.is_empty())
+}
+
+/// Tools the dist tests run: minisign, skopeo, qemu-aarch64(-static), systemd-analyze, sha256sum, tar.
+/// Missing ones are installed with apt-get when possible; with CI=true nothing may be missing.
+fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
+    let tools: [(&str, &str); 5] = [
+        ("minisign", "minisign"),
+        ("skopeo", "skopeo"),
+        ("qemu-aarch64-static", "qemu-user-static"),
+        ("systemd-analyze", "systemd"),
+        ("sha256sum", "coreutils"),
+    ];
+    let missing_pkgs: Vec<&str> = tools.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if !missing_pkgs.is_empty() && ctx.can_apt() {
+        println!("    installing {} with apt-get", missing_pkgs.join(" "));
+        ctx.apt_install(&missing_pkgs)?;
+    }
+    let still: Vec<&'static str> = tools.iter().filter(|(bin, _)| !have(bin)).map(|(bin, _)| *bin).collect();
+    for (bin, _) in tools {
+        if have(bin) {
+            println!("    {bin}: {}", which_version(bin));
+        }
+    }
+    if !still.is_empty() {
+        if ctx.ci {
+            bail!("missing {} and cannot install them here (needs root and apt-get)", still.join(", "));
+        }
+        let bar = "!".repeat(100);
+        println!("{bar}");
+        println!("!!! WARNING: missing {}: the dist tests that need them print SKIPPED.", still.join(", "));
+        println!("{bar}");
+    }
+    Ok(still)
+}
+
+fn which_version(bin: &str) -> String {
+    let flag = match bin {
+        "minisign" => "-v",
+        _ => "--version",
+    };
+    version_of(bin, &[flag]).unwrap_or_else(|| "present".into())
+}
+
+/// `cargo xtask test`'s dist steps: a fresh test signing key, `cargo xtask dist`'s work twice (the second a warm
+/// no-op build, which must give the same bytes), and the environment the dist tests read.
+fn dist_for_tests(ctx: &mut Ctx) -> Result<()> {
+    let dir = ctx.target_dir().join("dist-test");
+    let releaser = ctx.target_dir().join("debug").join("releaser");
+    let toolchain = ctx.step("dist: cross toolchain and the tools the dist tests use", |ctx| {
+        match ensure_cross_toolchain(&[]) {
+            Ok(()) => {}
+            Err(e) if !ctx.ci => {
+                let bar = "!".repeat(100);
+                println!("{bar}");
+                println!("!!! SKIPPING the release build and the dist tests: {e:#}");
+                println!("{bar}");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        ensure_dist_test_tools(ctx)?;
+        Ok(true)
+    });
+    if !toolchain? {
+        return Ok(());
+    }
+    let key = dir.join("test-release.key");
+    ctx.step("dist: a signing key for this run (releaser keygen --unencrypted)", |_ctx| {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        run(Command::new(&releaser)
+            .args(["keygen", "--unencrypted", "--name", "test-release", "--out-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null()))
+    })?;
+    let first = dir.join("first");
+    let second = dir.join("second");
+    ctx.step("dist: cargo xtask dist (cross builds, packages, signatures)", |ctx| {
+        run_releaser_dist(ctx, &releaser, &first, Some(&key), None, &[])
+    })?;
+    ctx.step("dist: cargo xtask dist again (warm: no-op build, same bytes)", |ctx| {
+        run_releaser_dist(ctx, &releaser, &second, Some(&key), None, &[])
+    })?;
+    let target_dir = ctx.target_dir();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    ctx.set_env("NKUDO_DIST_DIR", &s(&first));
+    ctx.set_env("NKUDO_DIST_DIR_REBUILD", &s(&second));
+    ctx.set_env("NKUDO_DIST_KEY", &s(&key));
+    ctx.set_env("NKUDO_DIST_PUBKEY", &s(&dir.join("test-release.pub")));
+    ctx.set_env("NKUDO_DIST_TARGET_DIR", &s(&target_dir));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------------------
