@@ -237,7 +237,10 @@ impl SecretKey {
         let mut sk64 = Zeroizing::new([0u8; 64]);
         sk64.copy_from_slice(&raw[62..126]);
         let checksum = &raw[126..158];
-        if checksum != secret_key_checksum(&key_id, &sk64).as_slice() {
+        // `minisign -G -W` (0.11) leaves the checksum of an unencrypted key all zero; the public half of the
+        // key is still checked against the seed below.
+        let unchecked = kdf == KDF_NONE && checksum.iter().all(|&b| b == 0);
+        if !unchecked && checksum != secret_key_checksum(&key_id, &sk64).as_slice() {
             raw.zeroize();
             return Err(MinisignError::WrongPassphraseOrCorrupt);
         }
@@ -610,6 +613,20 @@ qoA8jQpED1vsx3y9nm6g53WqTIMtkuWF3+NOLATf/+RCN0fkcXs9BhekNGFxv9TreueyzTgsJEPO/ItE
         let back = SecretKey::from_file_text(&enc, Some("correct horse")).unwrap();
         assert_eq!(back.public_key(), key.public_key());
         assert!(!format!("{back:?}").contains(&hex::encode(key.signing.as_bytes())));
+    }
+
+    #[test]
+    fn reads_minisign_w_keys_with_a_zero_checksum() {
+        let key = SecretKey::generate();
+        let text = key.to_file_text(&KeyProtection::Unencrypted).unwrap();
+        let mut raw = B64.decode(text.lines().nth(1).unwrap()).unwrap();
+        raw[126..158].fill(0);
+        let zeroed = format!("untrusted comment: x\n{}\n", B64.encode(&raw));
+        assert_eq!(SecretKey::from_file_text(&zeroed, None).unwrap().public_key(), key.public_key());
+        // A wrong seed is still caught through the public half.
+        raw[62] ^= 1;
+        let broken = format!("untrusted comment: x\n{}\n", B64.encode(&raw));
+        assert!(SecretKey::from_file_text(&broken, None).is_err());
     }
 
     #[test]
