@@ -87,7 +87,10 @@ impl BuildRequest {
         let shown = format!(
             "{} {}",
             cmd.get_program().to_string_lossy(),
-            cmd.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+            cmd.get_args()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let status = cmd.status().map_err(|e| BuildError::Spawn {
             program: shown.clone(),
@@ -125,7 +128,9 @@ mod tests {
         assert_eq!(&args[..4], ["zigbuild", "--locked", "--profile", "dist"]);
         assert!(args.windows(2).any(|w| w == ["--target", "aarch64-unknown-linux-musl"]));
         let envs: Vec<_> = cmd.get_envs().collect();
-        assert!(envs.iter().any(|(k, v)| *k == "NKUDO_VERSION" && v.is_some_and(|v| v == "0.1.0")));
+        assert!(envs
+            .iter()
+            .any(|(k, v)| *k == "NKUDO_VERSION" && v.is_some_and(|v| v == "0.1.0")));
         let bad = BuildRequest {
             targets: vec!["x86_64-pc-windows-msvc".into()],
             ..req

@@ -18,12 +18,12 @@
 
 use crate::checksums;
 use crate::cross::{arch_of, binary_path};
-use nkudo_core::fsutil::write_atomic;
 use crate::manifest::{Artifact, Manifest, PRODUCT, SCHEMA_VERSION};
 use crate::minisign::{blake2b512, MinisignError, SecretKey};
 use crate::oci;
 use crate::package::{self, Entry, PackageError};
 use chrono::{DateTime, Utc};
+use nkudo_core::fsutil::write_atomic;
 use nkudo_core::version::{minimum_supported_agent_version, Channel};
 use semver::Version;
 use std::path::{Path, PathBuf};
@@ -154,7 +154,9 @@ pub fn package(req: &PackageRequest<'_>, progress: &(dyn Fn(&str) + Sync)) -> Re
     let mut cp_images: Vec<(String, Vec<u8>)> = Vec::new();
     let mut jobs: Vec<Job> = Vec::new();
     for triple in &req.targets {
-        let arch = arch_of(triple).ok_or_else(|| DistError::Target(triple.clone()))?.to_string();
+        let arch = arch_of(triple)
+            .ok_or_else(|| DistError::Target(triple.clone()))?
+            .to_string();
         for (bin, _) in crate::cross::BINARIES {
             let path = binary_path(&req.target_dir, triple, bin);
             let data = std::fs::read(&path).map_err(|_| DistError::MissingBinary(path.clone()))?;
@@ -242,7 +244,10 @@ pub fn package(req: &PackageRequest<'_>, progress: &(dyn Fn(&str) + Sync)) -> Re
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let out_name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dist".into());
+    let out_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dist".into());
     let staging = parent.join(format!(".{out_name}.staging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
@@ -258,7 +263,10 @@ pub fn package(req: &PackageRequest<'_>, progress: &(dyn Fn(&str) + Sync)) -> Re
     let results: Mutex<Vec<(Artifact, Written)>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<DistError>> = Mutex::new(None);
     let queue = Mutex::new(jobs);
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {

@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nkudo_core::build_info;
-use releaser::minisign::{KeyProtection, PublicKey, SecretKey, DEFAULT_MEMLIMIT, DEFAULT_OPSLIMIT};
 use nkudo_core::fsutil;
+use releaser::minisign::{KeyProtection, PublicKey, SecretKey, DEFAULT_MEMLIMIT, DEFAULT_OPSLIMIT};
 use releaser::{cross, dist, verify, version};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -350,7 +350,10 @@ fn cmd_sign(a: SignArgs) -> Result<ExitCode> {
             .with_context(|| format!("{} has no file name", file.display()))?;
         let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         let digest = releaser::minisign::blake2b512_reader(f).with_context(|| format!("reading {}", file.display()))?;
-        let tc = a.trusted_comment.clone().unwrap_or_else(|| format!("file:{name}\thashed"));
+        let tc = a
+            .trusted_comment
+            .clone()
+            .unwrap_or_else(|| format!("file:{name}\thashed"));
         let sig = key.sign_prehashed(&digest, &tc, dist::UNTRUSTED_COMMENT)?;
         let mut out = file.clone().into_os_string();
         out.push(".minisig");

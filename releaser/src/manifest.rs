@@ -178,6 +178,9 @@ mod tests {
         assert_eq!(Manifest::from_json(text.as_bytes()).unwrap(), m);
         assert_eq!(Manifest::from_json(text.as_bytes()).unwrap().to_canonical_json(), text);
         let bad = text.replace("\"schema_version\": 1", "\"schema_version\": 9");
-        assert!(matches!(Manifest::from_json(bad.as_bytes()), Err(ManifestError::Schema(9))));
+        assert!(matches!(
+            Manifest::from_json(bad.as_bytes()),
+            Err(ManifestError::Schema(9))
+        ));
     }
 }

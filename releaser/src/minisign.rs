@@ -83,7 +83,9 @@ impl PublicKey {
             return Err(malformed("public key", format!("{} bytes, expected 42", raw.len())));
         }
         if raw[..2] != SIG_ALG_LEGACY {
-            return Err(MinisignError::UnsupportedAlgorithm(String::from_utf8_lossy(&raw[..2]).into()));
+            return Err(MinisignError::UnsupportedAlgorithm(
+                String::from_utf8_lossy(&raw[..2]).into(),
+            ));
         }
         let key_id = KeyId(raw[2..10].try_into().expect("8 bytes"));
         let bytes: [u8; 32] = raw[10..42].try_into().expect("32 bytes");
@@ -95,7 +97,9 @@ impl PublicKey {
     /// Parses a public key file (two lines; the first is an untrusted comment).
     pub fn from_file_text(text: &str) -> Result<Self, MinisignError> {
         let mut lines = text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l));
-        let first = lines.next().ok_or_else(|| malformed("public key file", "empty".into()))?;
+        let first = lines
+            .next()
+            .ok_or_else(|| malformed("public key file", "empty".into()))?;
         if !first.starts_with(UNTRUSTED_PREFIX) {
             // Also accept the bare base64 line.
             return Self::from_base64(first);
@@ -116,7 +120,11 @@ impl PublicKey {
 
     /// The two-line file `minisign -G` writes.
     pub fn to_file_text(&self) -> String {
-        format!("{UNTRUSTED_PREFIX}minisign public key {}\n{}\n", self.key_id, self.to_base64())
+        format!(
+            "{UNTRUSTED_PREFIX}minisign public key {}\n{}\n",
+            self.key_id,
+            self.to_base64()
+        )
     }
 
     /// Verifies `signature` over `data`: algorithm, key id, the file signature, then the trusted comment's.
@@ -145,12 +153,13 @@ impl PublicKey {
             });
         }
         let sig = ed25519_dalek::Signature::from_bytes(&signature.signature);
-        self.key
-            .verify(digest, &sig)
-            .map_err(|_| MinisignError::BadSignature)?;
+        self.key.verify(digest, &sig).map_err(|_| MinisignError::BadSignature)?;
         let global = ed25519_dalek::Signature::from_bytes(&signature.global_signature);
         self.key
-            .verify(&global_message(&signature.signature, &signature.trusted_comment), &global)
+            .verify(
+                &global_message(&signature.signature, &signature.trusted_comment),
+                &global,
+            )
             .map_err(|_| MinisignError::BadCommentSignature)
     }
 }
@@ -215,7 +224,9 @@ impl SecretKey {
     pub fn from_file_text(text: &str, passphrase: Option<&str>) -> Result<Self, MinisignError> {
         let mut raw = decode_secret_key_line(text)?;
         if raw[..2] != SIG_ALG_LEGACY {
-            return Err(MinisignError::UnsupportedAlgorithm(String::from_utf8_lossy(&raw[..2]).into()));
+            return Err(MinisignError::UnsupportedAlgorithm(
+                String::from_utf8_lossy(&raw[..2]).into(),
+            ));
         }
         if raw[4..6] != CHK_BLAKE2B {
             return Err(malformed("secret key", "unknown checksum algorithm".into()));
@@ -282,11 +293,19 @@ impl SecretKey {
                 *b ^= k;
             }
         }
-        Ok(Zeroizing::new(format!("{UNTRUSTED_PREFIX}{comment}\n{}\n", B64.encode(raw.as_slice()))))
+        Ok(Zeroizing::new(format!(
+            "{UNTRUSTED_PREFIX}{comment}\n{}\n",
+            B64.encode(raw.as_slice())
+        )))
     }
 
     /// Signs `data` (prehashed `ED`) with this trusted comment and untrusted comment. Deterministic.
-    pub fn sign(&self, data: &[u8], trusted_comment: &str, untrusted_comment: &str) -> Result<Signature, MinisignError> {
+    pub fn sign(
+        &self,
+        data: &[u8],
+        trusted_comment: &str,
+        untrusted_comment: &str,
+    ) -> Result<Signature, MinisignError> {
         self.sign_prehashed(&blake2b512(data), trusted_comment, untrusted_comment)
     }
 
@@ -338,7 +357,10 @@ impl Signature {
         let l2 = lines.next().ok_or_else(|| malformed(what, "missing line 2".into()))?;
         let raw = decode_b64(what, l2)?;
         if raw.len() != 74 {
-            return Err(malformed(what, format!("signature is {} bytes, expected 74", raw.len())));
+            return Err(malformed(
+                what,
+                format!("signature is {} bytes, expected 74", raw.len()),
+            ));
         }
         let l3 = lines
             .next()
@@ -351,7 +373,10 @@ impl Signature {
             .ok_or_else(|| malformed(what, "missing the comment signature".into()))?;
         let global = decode_b64(what, l4)?;
         if global.len() != 64 {
-            return Err(malformed(what, format!("comment signature is {} bytes, expected 64", global.len())));
+            return Err(malformed(
+                what,
+                format!("comment signature is {} bytes, expected 64", global.len()),
+            ));
         }
         if lines.any(|l| !l.is_empty()) {
             return Err(malformed(what, "text after line 4".into()));
@@ -392,7 +417,10 @@ impl Signature {
 
     /// The value of one trusted comment field.
     pub fn trusted_field(&self, key: &str) -> Option<&str> {
-        self.trusted_fields().into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.trusted_fields()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 }
 
@@ -432,12 +460,19 @@ fn secret_key_checksum(key_id: &KeyId, sk64: &[u8; 64]) -> [u8; 32] {
 
 /// The 104-byte scrypt stream that encrypts the secret part, with libsodium's opslimit/memlimit mapping
 /// (`crypto_pwhash_scryptsalsa208sha256`'s pickparams), as minisign does.
-fn kdf_stream(passphrase: &str, salt: &[u8; 32], opslimit: u64, memlimit: u64) -> Result<Zeroizing<[u8; 104]>, MinisignError> {
+fn kdf_stream(
+    passphrase: &str,
+    salt: &[u8; 32],
+    opslimit: u64,
+    memlimit: u64,
+) -> Result<Zeroizing<[u8; 104]>, MinisignError> {
     let (log_n, r, p) = pick_scrypt_params(opslimit, memlimit);
     // `len` only matters for PHC strings; the output length is the buffer's.
-    let params = scrypt::Params::new(log_n, r, p, scrypt::Params::RECOMMENDED_LEN).map_err(|e| MinisignError::Kdf(e.to_string()))?;
+    let params = scrypt::Params::new(log_n, r, p, scrypt::Params::RECOMMENDED_LEN)
+        .map_err(|e| MinisignError::Kdf(e.to_string()))?;
     let mut out = Zeroizing::new([0u8; 104]);
-    scrypt::scrypt(passphrase.as_bytes(), salt, &params, out.as_mut()).map_err(|e| MinisignError::Kdf(e.to_string()))?;
+    scrypt::scrypt(passphrase.as_bytes(), salt, &params, out.as_mut())
+        .map_err(|e| MinisignError::Kdf(e.to_string()))?;
     Ok(out)
 }
 
@@ -478,11 +513,15 @@ fn decode_secret_key_line(text: &str) -> Result<Zeroizing<Vec<u8>>, MinisignErro
 
 fn check_trusted_comment(c: &str) -> Result<(), MinisignError> {
     if c.len() > MAX_TRUSTED_COMMENT {
-        return Err(MinisignError::InvalidComment(format!("trusted comment longer than {MAX_TRUSTED_COMMENT} bytes")));
+        return Err(MinisignError::InvalidComment(format!(
+            "trusted comment longer than {MAX_TRUSTED_COMMENT} bytes"
+        )));
     }
     // Tab, printable ASCII and non-control UTF-8 only (what minisign master accepts); no line breaks.
     if c.chars().any(|ch| ch != '\t' && ch.is_control()) {
-        return Err(MinisignError::InvalidComment("trusted comment has a control character".into()));
+        return Err(MinisignError::InvalidComment(
+            "trusted comment has a control character".into(),
+        ));
     }
     Ok(())
 }
@@ -492,13 +531,16 @@ fn check_untrusted_comment(c: &str) -> Result<(), MinisignError> {
         return Err(MinisignError::InvalidComment("untrusted comment too long".into()));
     }
     if c.chars().any(|ch| ch != '\t' && ch.is_control()) {
-        return Err(MinisignError::InvalidComment("untrusted comment has a control character".into()));
+        return Err(MinisignError::InvalidComment(
+            "untrusted comment has a control character".into(),
+        ));
     }
     Ok(())
 }
 
 fn decode_b64(what: &'static str, s: &str) -> Result<Vec<u8>, MinisignError> {
-    B64.decode(s.trim_end()).map_err(|e| malformed(what, format!("bad base64: {e}")))
+    B64.decode(s.trim_end())
+        .map_err(|e| malformed(what, format!("bad base64: {e}")))
 }
 
 fn malformed(what: &'static str, reason: String) -> MinisignError {
@@ -528,7 +570,10 @@ qoA8jQpED1vsx3y9nm6g53WqTIMtkuWF3+NOLATf/+RCN0fkcXs9BhekNGFxv9TreueyzTgsJEPO/ItE
             hex::encode(pk.key.as_bytes()),
             "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
         );
-        assert_eq!(pk.to_base64(), "RWQBAgMEBQYHCAOhB7/zzhC+HXDdGOdLwJln5NYwm6UNXx3chmQSVTG4");
+        assert_eq!(
+            pk.to_base64(),
+            "RWQBAgMEBQYHCAOhB7/zzhC+HXDdGOdLwJln5NYwm6UNXx3chmQSVTG4"
+        );
         assert_eq!(pk.key_id.to_string(), "0807060504030201");
         let msg = b"nkudo test vector\n";
         assert_eq!(
@@ -558,7 +603,10 @@ qoA8jQpED1vsx3y9nm6g53WqTIMtkuWF3+NOLATf/+RCN0fkcXs9BhekNGFxv9TreueyzTgsJEPO/ItE
         assert_eq!(pk.verify(&sig, b"nkudo test vector!"), Err(MinisignError::BadSignature));
         let mut edited = sig.clone();
         edited.trusted_comment.push('x');
-        assert_eq!(pk.verify(&edited, b"nkudo test vector\n"), Err(MinisignError::BadCommentSignature));
+        assert_eq!(
+            pk.verify(&edited, b"nkudo test vector\n"),
+            Err(MinisignError::BadCommentSignature)
+        );
         let other = SecretKey::generate().public_key();
         assert!(matches!(
             other.verify(&sig, b"nkudo test vector\n"),
@@ -566,7 +614,8 @@ qoA8jQpED1vsx3y9nm6g53WqTIMtkuWF3+NOLATf/+RCN0fkcXs9BhekNGFxv9TreueyzTgsJEPO/ItE
         ));
         // CRLF signature files verify too.
         let crlf = KAT_SIG.replace('\n', "\r\n");
-        pk.verify(&Signature::from_file_text(&crlf).unwrap(), b"nkudo test vector\n").unwrap();
+        pk.verify(&Signature::from_file_text(&crlf).unwrap(), b"nkudo test vector\n")
+            .unwrap();
         // No final newline after line 4.
         pk.verify(
             &Signature::from_file_text(KAT_SIG.trim_end()).unwrap(),
@@ -605,7 +654,10 @@ qoA8jQpED1vsx3y9nm6g53WqTIMtkuWF3+NOLATf/+RCN0fkcXs9BhekNGFxv9TreueyzTgsJEPO/ItE
             })
             .unwrap();
         assert!(SecretKey::file_is_encrypted(&enc).unwrap());
-        assert_eq!(SecretKey::from_file_text(&enc, None).unwrap_err(), MinisignError::PassphraseRequired);
+        assert_eq!(
+            SecretKey::from_file_text(&enc, None).unwrap_err(),
+            MinisignError::PassphraseRequired
+        );
         assert_eq!(
             SecretKey::from_file_text(&enc, Some("wrong")).unwrap_err(),
             MinisignError::WrongPassphraseOrCorrupt
@@ -622,7 +674,10 @@ qoA8jQpED1vsx3y9nm6g53WqTIMtkuWF3+NOLATf/+RCN0fkcXs9BhekNGFxv9TreueyzTgsJEPO/ItE
         let mut raw = B64.decode(text.lines().nth(1).unwrap()).unwrap();
         raw[126..158].fill(0);
         let zeroed = format!("untrusted comment: x\n{}\n", B64.encode(&raw));
-        assert_eq!(SecretKey::from_file_text(&zeroed, None).unwrap().public_key(), key.public_key());
+        assert_eq!(
+            SecretKey::from_file_text(&zeroed, None).unwrap().public_key(),
+            key.public_key()
+        );
         // A wrong seed is still caught through the public half.
         raw[62] ^= 1;
         let broken = format!("untrusted comment: x\n{}\n", B64.encode(&raw));

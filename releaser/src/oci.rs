@@ -231,8 +231,7 @@ mod tests {
             }
         }
         let inner_digest = index["manifests"][0]["digest"].as_str().unwrap();
-        let inner: Value =
-            serde_json::from_slice(&files[&format!("blobs/sha256/{}", &inner_digest[7..])]).unwrap();
+        let inner: Value = serde_json::from_slice(&files[&format!("blobs/sha256/{}", &inner_digest[7..])]).unwrap();
         let archs: Vec<&str> = inner["manifests"]
             .as_array()
             .unwrap()

@@ -102,7 +102,9 @@ impl Ctx<'_> {
             other => {
                 self.problem(
                     &sig_name,
-                    format!("the signed trusted comment names file {other:?}, not {name:?} (signature of another file)"),
+                    format!(
+                        "the signed trusted comment names file {other:?}, not {name:?} (signature of another file)"
+                    ),
                 );
                 None
             }
@@ -202,19 +204,28 @@ pub fn verify_dir(dir: &Path, key: &PublicKey, now: DateTime<Utc>) -> Report {
             let Some(bytes) = ctx.read(&a.name) else { continue };
             let mut ok = true;
             if bytes.len() as u64 != a.size {
-                ctx.problem(&a.name, format!("size {} differs from the manifest's {}", bytes.len(), a.size));
+                ctx.problem(
+                    &a.name,
+                    format!("size {} differs from the manifest's {}", bytes.len(), a.size),
+                );
                 ok = false;
             }
             let digest = checksums::sha256_hex(&bytes);
             if digest != a.sha256 {
-                ctx.problem(&a.name, format!("SHA-256 {digest} differs from the manifest's {}", a.sha256));
+                ctx.problem(
+                    &a.name,
+                    format!("SHA-256 {digest} differs from the manifest's {}", a.sha256),
+                );
                 ok = false;
             }
             if let Some(sums) = &sums {
                 match sums.get(&a.name) {
                     Some(h) if *h == a.sha256 => {}
                     Some(h) => {
-                        ctx.problem("SHA256SUMS", format!("{}: {h} differs from the manifest's {}", a.name, a.sha256));
+                        ctx.problem(
+                            "SHA256SUMS",
+                            format!("{}: {h} differs from the manifest's {}", a.name, a.sha256),
+                        );
                         ok = false;
                     }
                     None => {

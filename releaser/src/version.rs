@@ -129,7 +129,11 @@ mod tests {
             .env("GIT_AUTHOR_DATE", "1700000000 +0000")
             .output()
             .unwrap();
-        assert!(ok.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&ok.stderr));
+        assert!(
+            ok.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
     }
 
     #[test]
@@ -149,7 +153,10 @@ mod tests {
         sh(d, &["tag", "v0.3.0-rc.1"]);
         sh(d, &["tag", "not-a-version"]);
         let v = from_git(d).unwrap();
-        assert_eq!((v.version.to_string(), v.channel), ("0.2.0".to_string(), Channel::Release));
+        assert_eq!(
+            (v.version.to_string(), v.channel),
+            ("0.2.0".to_string(), Channel::Release)
+        );
 
         sh(d, &["commit", "-q", "--allow-empty", "-m", "three"]);
         let v = from_git(d).unwrap();

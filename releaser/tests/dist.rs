@@ -99,7 +99,10 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
         })
         .collect()
 }
@@ -114,7 +117,12 @@ fn assert_same_dirs(a: &Path, b: &Path) {
         b.display()
     );
     for (name, bytes) in &fa {
-        assert!(bytes == &fb[name], "{name} differs between {} and {}", a.display(), b.display());
+        assert!(
+            bytes == &fb[name],
+            "{name} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -212,9 +220,14 @@ fn minisign_verifies_every_signature() {
 fn sha256sum_checks_every_artifact() {
     let Some(d) = dist() else { return };
     let Some(sha256sum) = tool("sha256sum") else { return };
-    let o = run(Command::new(sha256sum).args(["-c", "--strict", "SHA256SUMS"]).current_dir(&d.dir));
+    let o = run(Command::new(sha256sum)
+        .args(["-c", "--strict", "SHA256SUMS"])
+        .current_dir(&d.dir));
     assert!(o.status.success(), "{}", text(&o));
-    let ok_lines = String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.ends_with(": OK")).count();
+    let ok_lines = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": OK"))
+        .count();
     assert_eq!(ok_lines, artifacts(&d).len() + 1, "every artifact and manifest.json");
 }
 
@@ -225,7 +238,14 @@ fn manifest_describes_the_release() {
     assert_eq!(m["schema_version"], 1);
     assert_eq!(m["product"], "n-kudo");
     let version = semver::Version::parse(m["version"].as_str().unwrap()).unwrap();
-    assert_eq!(m["channel"], if version.pre.is_empty() { "release" } else { "pre-release" });
+    assert_eq!(
+        m["channel"],
+        if version.pre.is_empty() {
+            "release"
+        } else {
+            "pre-release"
+        }
+    );
     assert_eq!(m["git_commit"].as_str().unwrap().len(), 40);
     for key in ["build_date", "expires", "minimum_supported_agent_version"] {
         assert!(m[key].is_string(), "{key}");
@@ -297,13 +317,26 @@ fn tarballs_are_deterministic_and_complete() {
             assert!(paths.contains(&expected), "{name} lacks {expected}: {paths:?}");
         }
         if component != "releaser" {
-            assert!(paths.contains(&format!("systemd/{component}.service")), "{name}: {paths:?}");
-            assert!(paths.iter().any(|p| p.starts_with("config/") && !p.ends_with('/')), "{name}");
+            assert!(
+                paths.contains(&format!("systemd/{component}.service")),
+                "{name}: {paths:?}"
+            );
+            assert!(
+                paths.iter().any(|p| p.starts_with("config/") && !p.ends_with('/')),
+                "{name}"
+            );
         }
         // And the stock tar reads it with numeric owners.
-        let o = run(Command::new("tar").arg("--numeric-owner").arg("-tvzf").arg(d.dir.join(name)));
+        let o = run(Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("-tvzf")
+            .arg(d.dir.join(name)));
         assert!(o.status.success(), "{}", text(&o));
-        assert!(String::from_utf8_lossy(&o.stdout).lines().all(|l| l.contains(" 0/0 ")), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).lines().all(|l| l.contains(" 0/0 ")),
+            "{}",
+            text(&o)
+        );
     }
 }
 
@@ -315,13 +348,17 @@ fn skopeo_inspects_the_oci_archive() {
     let reference = format!("oci-archive:{}", d.dir.join(&name).display());
     let version = d.manifest["version"].as_str().unwrap();
     for arch in ["amd64", "arm64"] {
-        let o = run(Command::new(&skopeo).args(["--override-arch", arch, "--override-os", "linux", "inspect", &reference]));
+        let o =
+            run(Command::new(&skopeo).args(["--override-arch", arch, "--override-os", "linux", "inspect", &reference]));
         assert!(o.status.success(), "skopeo inspect {arch}: {}", text(&o));
         let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(info["Architecture"], arch, "{info}");
         assert_eq!(info["Os"], "linux");
         assert_eq!(info["Labels"]["org.opencontainers.image.version"], version, "{info}");
-        assert_eq!(info["Labels"]["org.opencontainers.image.revision"], d.manifest["git_commit"]);
+        assert_eq!(
+            info["Labels"]["org.opencontainers.image.revision"],
+            d.manifest["git_commit"]
+        );
         assert_eq!(info["Layers"].as_array().unwrap().len(), 1);
     }
     let o = run(Command::new(&skopeo).args(["inspect", "--config", &reference]));
@@ -368,8 +405,15 @@ fn systemd_units_verify_and_report_exposure() {
     for component in ["nkudo-edge", "nkudo-control-plane"] {
         let unit = format!("{component}.service");
         fs::copy(current.join("systemd").join(&unit), units.join(&unit)).unwrap();
-        let o = run(Command::new(&analyze).arg("verify").arg(format!("--root={}", root.path().display())).arg(&unit));
-        assert!(o.status.success() && o.stderr.is_empty(), "systemd-analyze verify {unit}: {}", text(&o));
+        let o = run(Command::new(&analyze)
+            .arg("verify")
+            .arg(format!("--root={}", root.path().display()))
+            .arg(&unit));
+        assert!(
+            o.status.success() && o.stderr.is_empty(),
+            "systemd-analyze verify {unit}: {}",
+            text(&o)
+        );
         let o = run(Command::new(&analyze)
             .args(["security", "--offline=true", "--no-pager"])
             .arg(format!("--root={}", root.path().display()))
@@ -407,7 +451,9 @@ fn elf_aarch64_static(bytes: &[u8]) -> (bool, bool) {
 #[test]
 fn arm64_binaries_run_under_qemu() {
     let Some(d) = dist() else { return };
-    let Some(qemu) = tool("qemu-aarch64-static") else { return };
+    let Some(qemu) = tool("qemu-aarch64-static") else {
+        return;
+    };
     let version = d.manifest["version"].as_str().unwrap();
     let commit = d.manifest["git_commit"].as_str().unwrap();
     let build_date = d.manifest["build_date"].as_str().unwrap();
@@ -421,7 +467,10 @@ fn arm64_binaries_run_under_qemu() {
         untar(&d.dir.join(artifact_name(&d, component, "tarball", "arm64")), &into);
         let bin = into.join("bin").join(component);
         let (aarch64, is_static) = elf_aarch64_static(&fs::read(&bin).unwrap());
-        assert!(aarch64 && is_static, "{component}: aarch64 {aarch64}, static {is_static}");
+        assert!(
+            aarch64 && is_static,
+            "{component}: aarch64 {aarch64}, static {is_static}"
+        );
         let o = run(Command::new(&qemu).arg(&bin).args(&args));
         assert!(o.status.success(), "qemu-aarch64 {component} {args:?}: {}", text(&o));
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -442,7 +491,10 @@ fn arm64_binaries_run_under_qemu() {
 fn amd64_binaries_are_static_and_report_their_build() {
     let Some(d) = dist() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    untar(&d.dir.join(artifact_name(&d, "releaser", "tarball", "amd64")), tmp.path());
+    untar(
+        &d.dir.join(artifact_name(&d, "releaser", "tarball", "amd64")),
+        tmp.path(),
+    );
     let o = run(Command::new(tmp.path().join("bin/releaser")).args(["version", "--output", "json"]));
     assert!(o.status.success(), "{}", text(&o));
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -455,7 +507,12 @@ fn amd64_binaries_are_static_and_report_their_build() {
 // --- releaser verify rejects what it must ------------------------------------------------------------------
 
 fn verify(dir: &Path, pubkey: &Path, extra: &[&str]) -> (i32, String) {
-    let o = run(releaser().arg("verify").arg(dir).arg("--public-key").arg(pubkey).args(extra));
+    let o = run(releaser()
+        .arg("verify")
+        .arg(dir)
+        .arg("--public-key")
+        .arg(pubkey)
+        .args(extra));
     (o.status.code().unwrap_or(-1), text(&o))
 }
 
@@ -517,14 +574,18 @@ fn verify_rejects_a_signature_by_another_key() {
         .arg(tmp.path().join("keys/other.key"))
         .args([
             "--trusted-comment",
-            &format!("file:manifest.json\tversion:{}\thashed", d.manifest["version"].as_str().unwrap()),
+            &format!(
+                "file:manifest.json\tversion:{}\thashed",
+                d.manifest["version"].as_str().unwrap()
+            ),
         ])
         .arg(dir.join("manifest.json")));
     assert!(o.status.success(), "{}", text(&o));
     let (code, out) = verify(&dir, &d.pubkey, &[]);
     assert_eq!(code, 3, "{out}");
     assert!(
-        out.lines().any(|l| l.starts_with("FAILED") && l.contains("manifest.json.minisig") && l.contains("another key")),
+        out.lines()
+            .any(|l| l.starts_with("FAILED") && l.contains("manifest.json.minisig") && l.contains("another key")),
         "{out}"
     );
     // The other key's own public key accepts that one signature, and nothing else.
@@ -557,7 +618,10 @@ fn verify_rejects_an_expired_manifest() {
     assert!(o.status.success(), "{}", text(&o));
     let (code, out) = verify(&out_dir, &d.pubkey, &[]);
     assert_eq!(code, 3, "{out}");
-    assert!(out.contains("FAILED   manifest.json: expired at 2001-12-08T01:46:40Z"), "{out}");
+    assert!(
+        out.contains("FAILED   manifest.json: expired at 2001-12-08T01:46:40Z"),
+        "{out}"
+    );
 }
 
 #[test]

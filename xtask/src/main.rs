@@ -640,17 +640,30 @@ fn dist(mut ctx: Ctx, args: DistArgs) -> Result<()> {
     let releaser = ctx.target_dir().join("release").join("releaser");
     let key = match &args.key {
         Some(k) => Some(k.clone()),
-        None if std::env::var_os("NKUDO_SIGNING_KEY_FILE").is_some() || std::env::var_os("NKUDO_SIGNING_KEY").is_some() => {
+        None if std::env::var_os("NKUDO_SIGNING_KEY_FILE").is_some()
+            || std::env::var_os("NKUDO_SIGNING_KEY").is_some() =>
+        {
             None
         }
         None => Some(dev_signing_key(&mut ctx, &releaser)?),
     };
     let out = ctx.root.join(&args.out);
     ctx.step(&format!("releaser dist --out {}", args.out.display()), |ctx| {
-        run_releaser_dist(ctx, &releaser, &out, key.as_deref(), args.release_version.as_deref(), &args.targets)
+        run_releaser_dist(
+            ctx,
+            &releaser,
+            &out,
+            key.as_deref(),
+            args.release_version.as_deref(),
+            &args.targets,
+        )
     })?;
     println!();
-    println!("==> dist done in {:.0}s: {}", started.elapsed().as_secs_f64(), out.display());
+    println!(
+        "==> dist done in {:.0}s: {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
     for (name, took) in &ctx.timings {
         println!("    {:>6.1}s  {name}", took.as_secs_f64());
     }
@@ -730,8 +743,7 @@ fn ensure_cross_toolchain(targets: &[String]) -> Result<()> {
             .stdin(Stdio::null()))?;
     }
     // (`cargo zigbuild --version` is not a thing; the binary answers `--version`.)
-    let zigbuild_ok = version_of("cargo-zigbuild", &["--version"])
-        .is_some_and(|v| v.ends_with(CARGO_ZIGBUILD_VERSION));
+    let zigbuild_ok = version_of("cargo-zigbuild", &["--version"]).is_some_and(|v| v.ends_with(CARGO_ZIGBUILD_VERSION));
     let zig_ok = zig_version().is_some();
     if !zigbuild_ok || !zig_ok {
         println!("    installing ziglang=={ZIGLANG_VERSION} and cargo-zigbuild=={CARGO_ZIGBUILD_VERSION} from PyPI");
@@ -744,7 +756,10 @@ fn ensure_cross_toolchain(targets: &[String]) -> Result<()> {
         .context("pip install ziglang cargo-zigbuild (needs python3 with pip)")?;
     }
     let v = version_of("cargo-zigbuild", &["--version"]).context("cargo-zigbuild still missing after pip install")?;
-    println!("    {v}, zig {}", zig_version().context("zig still missing after pip install")?);
+    println!(
+        "    {v}, zig {}",
+        zig_version().context("zig still missing after pip install")?
+    );
     Ok(())
 }
 
@@ -765,12 +780,20 @@ fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
         ("systemd-analyze", "systemd"),
         ("sha256sum", "coreutils"),
     ];
-    let missing_pkgs: Vec<&str> = tools.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    let missing_pkgs: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if !missing_pkgs.is_empty() && ctx.can_apt() {
         println!("    installing {} with apt-get", missing_pkgs.join(" "));
         ctx.apt_install(&missing_pkgs)?;
     }
-    let still: Vec<&'static str> = tools.iter().filter(|(bin, _)| !have(bin)).map(|(bin, _)| *bin).collect();
+    let still: Vec<&'static str> = tools
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(bin, _)| *bin)
+        .collect();
     for (bin, _) in tools {
         if have(bin) {
             println!("    {bin}: {}", which_version(bin));
@@ -778,11 +801,17 @@ fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
     }
     if !still.is_empty() {
         if ctx.ci {
-            bail!("missing {} and cannot install them here (needs root and apt-get)", still.join(", "));
+            bail!(
+                "missing {} and cannot install them here (needs root and apt-get)",
+                still.join(", ")
+            );
         }
         let bar = "!".repeat(100);
         println!("{bar}");
-        println!("!!! WARNING: missing {}: the dist tests that need them print SKIPPED.", still.join(", "));
+        println!(
+            "!!! WARNING: missing {}: the dist tests that need them print SKIPPED.",
+            still.join(", ")
+        );
         println!("{bar}");
     }
     Ok(still)
@@ -820,15 +849,18 @@ fn dist_for_tests(ctx: &mut Ctx) -> Result<()> {
         return Ok(());
     }
     let key = dir.join("test-release.key");
-    ctx.step("dist: a signing key for this run (releaser keygen --unencrypted)", |_ctx| {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        run(Command::new(&releaser)
-            .args(["keygen", "--unencrypted", "--name", "test-release", "--out-dir"])
-            .arg(&dir)
-            .stdin(Stdio::null()))
-    })?;
+    ctx.step(
+        "dist: a signing key for this run (releaser keygen --unencrypted)",
+        |_ctx| {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+            run(Command::new(&releaser)
+                .args(["keygen", "--unencrypted", "--name", "test-release", "--out-dir"])
+                .arg(&dir)
+                .stdin(Stdio::null()))
+        },
+    )?;
     let first = dir.join("first");
     let second = dir.join("second");
     ctx.step("dist: cargo xtask dist (cross builds, packages, signatures)", |ctx| {
