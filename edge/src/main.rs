@@ -1,49 +1,86 @@
-//! `nkudo-edge`: the n-kudo edge agent.
-//!
-//! For now only the command-line skeleton exists: enrollment, heartbeats, plans and self-update arrive with the
-//! edge agent issue. Nothing here pretends to do them.
+//! `nkudo-edge`: the n-kudo edge agent (see `nkudo-edge --help`; the work is done in the `nkudo_edge` library).
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use nkudo_edge::cli::{self, Cli, Command};
+use nkudo_edge::{agent, apply, enroll, hostfacts, ExitError, EXIT_FAILURE};
+use std::process::ExitCode;
 
-/// The n-kudo edge agent. Enrollment, heartbeats over mTLS, microVM plans and self-update are later issues;
-/// so far only `--version` and `version` exist.
-#[derive(Debug, Parser)]
-#[command(name = "nkudo-edge", version, about, long_about, arg_required_else_help = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+/// Prints the version line (`nkudo-edge <version>`).
+fn print_version() {
+    println!("nkudo-edge {}", env!("CARGO_PKG_VERSION"));
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Print the agent's version (the same as `--version`).
-    Version,
+fn runtime() -> Result<tokio::runtime::Runtime, ExitError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ExitError::new(EXIT_FAILURE, format!("start async runtime: {e}")))
 }
 
-fn version_line() -> String {
-    format!("nkudo-edge {}", env!("CARGO_PKG_VERSION"))
-}
-
-fn main() {
-    let cli = Cli::parse();
+fn real_main(cli: Cli) -> Result<(), ExitError> {
+    if let Command::Version = cli.command {
+        print_version();
+        return Ok(());
+    }
+    let file = cli::load_config(cli.config.as_deref()).map_err(ExitError::usage)?;
     match cli.command {
-        Command::Version => println!("{}", version_line()),
+        Command::Version => Ok(()),
+        Command::Enroll(a) => {
+            let token = cli::resolve_token(&a, &file).map_err(ExitError::usage)?;
+            let input = enroll::EnrollInput {
+                conn: cli::ConnSettings::resolve(&a.conn, &file),
+                dirs: cli::Dirs::resolve(&a.dirs, &file),
+                token,
+                hostname: a
+                    .hostname
+                    .clone()
+                    .or_else(|| file.hostname.clone())
+                    .filter(|h| !h.trim().is_empty())
+                    .unwrap_or_else(hostfacts::hostname),
+                force: a.force,
+            };
+            runtime()?.block_on(enroll::enroll(input))
+        }
+        Command::Run(a) => {
+            let s = cli::RunSettings::resolve(&a, &file).map_err(ExitError::usage)?;
+            runtime()?.block_on(agent::run(s))
+        }
+        Command::VerifyHeartbeat(mut a) => {
+            a.once = true;
+            let s = cli::RunSettings::resolve(&a, &file).map_err(ExitError::usage)?;
+            runtime()?.block_on(agent::run(s))
+        }
+        Command::Hostfacts(a) => {
+            let p = cli::ProviderSettings::resolve(&a.provider, &file);
+            let nb_bin = a
+                .netbird_bin
+                .clone()
+                .or_else(|| file.netbird.bin.clone())
+                .unwrap_or_else(|| "netbird".into());
+            let facts = hostfacts::collect_with_versions(&p, &nb_bin);
+            let json = serde_json::to_string_pretty(&facts).map_err(|e| ExitError::new(EXIT_FAILURE, e.to_string()))?;
+            println!("{json}");
+            Ok(())
+        }
+        Command::Apply(a) => {
+            let p = cli::ProviderSettings::resolve(&a.provider, &file);
+            let state_dir = a
+                .state_dir
+                .clone()
+                .or_else(|| file.state_dir.clone())
+                .unwrap_or_else(|| cli::DEFAULT_STATE_DIR.into());
+            runtime()?.block_on(apply::apply(&a.plan, &state_dir, &p))
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_is_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn version_subcommand_matches_flag() {
-        let flag = Cli::command().render_version();
-        assert_eq!(flag.trim(), version_line());
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nkudo-edge: {e}");
+            ExitCode::from(u8::try_from(e.code).unwrap_or(1))
+        }
     }
 }
