@@ -4,6 +4,7 @@
 //!   stay compatible with the earlier Go implementation so that agents already in the field keep working.
 //! * [`build_info`]: version, git commit, build date and target triple of this build, and the `version` text.
 //! * [`fsutil`]: crash-safe (atomic) file writes.
+//! * [`layout`]: the host release layout (`/opt/nkudo/releases/<version>` + `current`), crash-safe switches.
 //! * [`version`]: the SemVer policy: channels, the pre-release format and the N/N-1 agent compatibility rule.
 //!
 //! This crate has no runtime dependencies (no tokio, no HTTP, no SQL) so that every binary can use it.
@@ -11,4 +12,6 @@
 pub mod api;
 pub mod build_info;
 pub mod fsutil;
+#[cfg(unix)]
+pub mod layout;
 pub mod version;
