@@ -25,16 +25,12 @@ use config::Config;
 use std::io::Write;
 use std::sync::Arc;
 
-/// The version this binary reports (set `NKUDO_VERSION` at build time to override the crate version).
-pub const VERSION: &str = match option_env!("NKUDO_VERSION") {
-    Some(v) => v,
-    None => env!("CARGO_PKG_VERSION"),
-};
+use nkudo_core::build_info::VERSION;
 
 #[derive(Parser)]
 #[command(
     name = "nkudo-control-plane",
-    version = VERSION,
+    version = nkudo_core::build_info::clap_version(),
     about = "n-kudo control plane: tenants, sites, mTLS agent enrollment and heartbeats",
     long_about = "n-kudo control plane: tenants, sites, mTLS agent enrollment and heartbeats.\n\n\
         Configured by environment variables (see docs/control-plane.md): CONTROL_PLANE_ADDR, DATABASE_URL \
@@ -51,6 +47,8 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Print version, git commit, target triple and build date (same as --version).
+    Version,
     /// Audit trail tools.
     Audit {
         #[command(subcommand)]
@@ -85,6 +83,10 @@ fn main() -> std::process::ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cfg).await,
             Command::Migrate => migrate(cfg).await,
+            Command::Version => {
+                println!("{}", nkudo_core::build_info::version_text("nkudo-control-plane"));
+                Ok(std::process::ExitCode::SUCCESS)
+            }
             Command::Audit {
                 command: AuditCommand::Verify,
             } => audit_verify(cfg).await,
