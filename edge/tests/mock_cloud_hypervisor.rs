@@ -241,7 +241,7 @@ fn guest_poweroff_ends_the_vmm_unless_no_shutdown() {
 #[test]
 fn injected_faults() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = spawn(dir.path(), &[], &[("MOCK_CH_FAIL_BOOT", "1")]);
+    let vmm = spawn(dir.path(), &[], &[("MOCK_CH_FAIL_BOOT", "1")]);
     assert_eq!(call(&vmm.sock, "PUT", "vm.create", Some(&vm_config(dir.path()))).0, 204);
     let (st, body) = call(&vmm.sock, "PUT", "vm.boot", None);
     assert_eq!(st, 500);
