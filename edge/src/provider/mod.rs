@@ -219,6 +219,9 @@ struct VmMeta {
     reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pid: Option<i64>,
+    /// Id of the current VMM launch, echoed by its supervisor in `vmm.exit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    launch: Option<String>,
     created_at: String,
     updated_at: String,
 }
@@ -258,6 +261,8 @@ struct VmFiles {
     stdout: PathBuf,
     stderr: PathBuf,
     exit: PathBuf,
+    /// The launch whose exit status counts (`VmMeta::launch`).
+    launch: Option<String>,
 }
 
 impl VmFiles {
@@ -269,6 +274,7 @@ impl VmFiles {
             stdout: dir.join("vmm.stdout.log"),
             stderr: dir.join("vmm.stderr.log"),
             exit: dir.join("vmm.exit"),
+            launch: None,
             dir,
         }
     }
@@ -298,9 +304,15 @@ impl VmFiles {
         }
     }
 
-    /// The VMM's exit status recorded by its supervisor, if it ended.
+    /// The exit status of the current launch's VMM, recorded by its supervisor, if it ended.
     fn exit_status(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.exit).ok()?.trim().parse().ok()
+        let text = std::fs::read_to_string(&self.exit).ok()?;
+        let mut it = text.split_whitespace();
+        let (launch, status) = (it.next()?, it.next()?);
+        if self.launch.as_deref().is_some_and(|l| l != launch) {
+            return None;
+        }
+        status.parse().ok()
     }
 
     /// The last non-empty line of the VMM's stderr (at most 300 characters).
@@ -568,6 +580,7 @@ impl CloudHypervisor {
             state: STATE_CREATING.into(),
             reason: None,
             pid: None,
+            launch: None,
             created_at: now.clone(),
             updated_at: now,
         })
@@ -663,10 +676,18 @@ impl CloudHypervisor {
                 net::remove_tap(&self.ip_cmd, tap).await?;
             }
         }
-        match std::fs::remove_dir_all(&files.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &files.dir, e)),
+        // The VMM's supervisor may still be writing its exit status into the directory: retry a little.
+        let mut attempt = 0;
+        loop {
+            match std::fs::remove_dir_all(&files.dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(_) if attempt < 20 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(io_err("remove", &files.dir, e)),
+            }
         }
     }
 
@@ -752,8 +773,9 @@ impl CloudHypervisor {
         check_id(vm_id)?;
         let lock = self.lock_for(vm_id);
         let _guard = lock.lock().await;
-        let files = self.files(vm_id);
+        let mut files = self.files(vm_id);
         let mut meta = self.require_meta(&files, vm_id)?;
+        files.launch = meta.launch.clone();
         if meta.phase != PHASE_READY {
             return Err(ProviderError::new(
                 INVALID_STATE,
@@ -789,8 +811,18 @@ impl CloudHypervisor {
         self.ensure_network(&files, &mut meta).await?;
         files.remove_stale_socket();
         let _ = std::fs::remove_file(&files.exit);
-        let supervisor =
-            process::spawn_detached(&self.cfg.cloud_hypervisor_bin, &files.process_files()).map_err(|e| {
+        let launch = format!(
+            "{:x}",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        meta.launch = Some(launch.clone());
+        files.launch = Some(launch.clone());
+        files.save(&mut meta)?;
+        let supervisor = process::spawn_detached(&self.cfg.cloud_hypervisor_bin, &files.process_files(), &launch)
+            .map_err(|e| {
                 ProviderError::new(
                     VMM_START_FAILED,
                     format!("cannot start {}: {e}", self.cfg.cloud_hypervisor_bin.display()),
@@ -1058,7 +1090,15 @@ impl CloudHypervisor {
             return Ok(());
         }
         let meta = files.load().ok().flatten();
-        self.discard(&files, meta.as_ref()).await
+        self.discard(&files, meta.as_ref()).await?;
+        if meta.is_none() {
+            // Unreadable metadata: a TAP with the derived name can only be this VM's.
+            let tap = net::tap_name_for(vm_id);
+            if net::link_exists(&self.ip_cmd, &tap).await {
+                net::remove_tap(&self.ip_cmd, &tap).await?;
+            }
+        }
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------------------------
@@ -1122,17 +1162,16 @@ impl CloudHypervisor {
             }
         };
         if deep {
-            for leftover in [
-                "disk.raw.tmp",
-                "disk.qcow2.tmp",
-                "seed.iso.tmp",
-                ".seed",
-                "vmm.exit.tmp",
-            ] {
+            // Leftovers of an interrupted create (not `vmm.exit.tmp`: a supervisor may be writing it right now).
+            for leftover in ["disk.raw.tmp", "disk.qcow2.tmp", "seed.iso.tmp", ".seed"] {
                 let p = files.dir.join(leftover);
                 let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
             }
         }
+        let files = VmFiles {
+            launch: meta.launch.clone(),
+            ..files
+        };
         let (state, reason, pid) = self.observe(&files, &meta).await;
         if state != meta.state || reason != meta.reason || pid != meta.pid {
             meta.state = state;

@@ -16,14 +16,17 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// What the supervisor shell runs: the VMM (`"$@"`), then records its exit status atomically.
+/// The line is `<launch id> <status>`: a late write by the supervisor of an earlier launch is not mistaken for
+/// the end of the current one.
 const SUPERVISOR: &str = r#""$@"
 s=$?
-printf '%s\n' "$s" > "$NKUDO_VMM_EXIT_FILE.tmp" && mv -f "$NKUDO_VMM_EXIT_FILE.tmp" "$NKUDO_VMM_EXIT_FILE""#;
+t="$NKUDO_VMM_EXIT_FILE.$NKUDO_VMM_LAUNCH.tmp"
+printf '%s %s\n' "$NKUDO_VMM_LAUNCH" "$s" > "$t" && mv -f "$t" "$NKUDO_VMM_EXIT_FILE""#;
 
 /// Environment variables never handed to the VMM (they may hold the agent's secrets).
 fn is_sensitive_env(name: &str) -> bool {
     let up = name.to_ascii_uppercase();
-    up.starts_with("NKUDO_")
+    (up.starts_with("NKUDO_") && !up.starts_with("NKUDO_VMM_"))
         || up.starts_with("NB_")
         || ["KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL"]
             .iter()
@@ -40,7 +43,7 @@ pub struct VmmFiles {
 /// Starts `<ch_bin> --api-socket <socket>` detached. Returns the supervisor's pid (not the VMM's: the VMM's pid
 /// comes from `vmm.ping`). The supervisor is reaped by a background task while this agent runs, and by init
 /// after that.
-pub fn spawn_detached(ch_bin: &Path, files: &VmmFiles) -> io::Result<u32> {
+pub fn spawn_detached(ch_bin: &Path, files: &VmmFiles, launch: &str) -> io::Result<u32> {
     let open = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p);
     let stdout = open(&files.stdout)?;
     let stderr = open(&files.stderr)?;
@@ -54,6 +57,7 @@ pub fn spawn_detached(ch_bin: &Path, files: &VmmFiles) -> io::Result<u32> {
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !is_sensitive_env(&k.to_string_lossy())))
         .env("NKUDO_VMM_EXIT_FILE", &files.exit_file)
+        .env("NKUDO_VMM_LAUNCH", launch)
         .current_dir(files.socket.parent().unwrap_or(Path::new("/")))
         .stdin(Stdio::null())
         .stdout(stdout)
