@@ -2,7 +2,9 @@
 //!
 //! * `cargo xtask test [-- <cargo test args>]` (alias `ci`): THE test command. In order: Postgres answers at
 //!   127.0.0.1:5432 (installed and started when missing), `openssl` is present, `cargo fmt --check`,
-//!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, `cargo test --workspace --no-fail-fast`.
+//!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, the release build the dist tests check
+//!   (cross toolchain and test tools, a signing key made for the run, `cargo xtask dist`'s work twice into
+//!   `target/dist-test/{first,second}`), `cargo test --workspace --no-fail-fast`.
 //! * `cargo xtask dist [--version V] [--target T]... [--out DIR] [--key FILE]`: the release directory (static musl
 //!   cross builds with cargo-zigbuild, packages, OCI archive, SHA256SUMS, manifest, minisign signatures): builds
 //!   `releaser` for this machine and runs `releaser dist`, where the logic lives.
@@ -39,7 +41,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// The whole test suite: Postgres, openssl, fmt, clippy, build, every test on SQLite and Postgres.
+    /// The whole test suite: Postgres, openssl, fmt, clippy, build, the release build, every test on SQLite and
+    /// Postgres and the release checks.
     Test(TestArgs),
     /// The same as `test` (what CI runs).
     Ci(TestArgs),
