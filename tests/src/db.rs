@@ -70,6 +70,15 @@ impl DbHandle {
     pub fn pg_database_name(&self) -> Option<&str> {
         self.pg_cleanup.as_ref().map(|(_, n)| n.as_str())
     }
+    /// An existing database at `url` (e.g. another control plane's, for a second replica). Not owned: nothing
+    /// is dropped when the handle drops.
+    pub fn existing(backend: Backend, url: impl Into<String>) -> DbHandle {
+        DbHandle {
+            backend,
+            url: Some(url.into()),
+            pg_cleanup: None,
+        }
+    }
 }
 
 impl Drop for DbHandle {

@@ -112,9 +112,17 @@ pub struct ControlPlaneBuilder {
     env: Vec<(String, String)>,
     env_remove: Vec<String>,
     admin_key: Option<String>,
+    database_url: Option<String>,
 }
 
 impl ControlPlaneBuilder {
+    /// Uses this existing database (`DATABASE_URL`) instead of a fresh one, e.g. another control plane's
+    /// `database_url` to run a second replica on it. The database is not owned (never dropped by this one).
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
+        self
+    }
+
     /// Adds (or overrides) an environment variable of the control plane.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         let key = key.into();
@@ -150,8 +158,12 @@ impl ControlPlaneBuilder {
     /// Prepares the data directory and database without starting anything. `None`: backend unavailable and
     /// skipping allowed (see [`database_url`]).
     pub async fn prepare(self) -> anyhow::Result<Option<Prepared>> {
-        let Some(db) = database_url(self.backend).await? else {
-            return Ok(None);
+        let db = match &self.database_url {
+            Some(url) => DbHandle::existing(self.backend, url.clone()),
+            None => match database_url(self.backend).await? {
+                Some(db) => db,
+                None => return Ok(None),
+            },
         };
         let root = TempDir::new("nkudo-cp")?;
         let data_dir = root.path().join("data");
@@ -339,6 +351,7 @@ impl ControlPlane {
             backend,
             env: Vec::new(),
             env_remove: Vec::new(),
+            database_url: None,
             admin_key: Some(format!(
                 "adm-{}{}",
                 uuid::Uuid::new_v4().simple(),

@@ -9,6 +9,7 @@
 //! * [`client`]: reqwest clients that trust only the control plane's CA bundle, bootstrap helpers
 //!   (tenant, API key, site, token, enrollment), error-body assertions and polling.
 //! * [`rawtls`]: one pinned HTTP/1.1-over-TLS connection (keep-alive tests).
+//! * [`plans`]: plan, execution, log and VM calls (apply, lease, report results).
 //! * [`csr`]: CSRs (rcgen ECDSA P-256 or `openssl req` RSA-4096), a throw-away CA, certificate inspection.
 //!
 //! Scenarios that run on both backends are written once as `async fn scenario(backend: Backend)` and
@@ -18,12 +19,14 @@ pub mod client;
 pub mod csr;
 pub mod db;
 pub mod harness;
+pub mod plans;
 pub mod rawtls;
 
 pub use client::*;
 pub use csr::*;
 pub use db::*;
 pub use harness::*;
+pub use plans::*;
 pub use rawtls::*;
 
 /// Expands one scenario `async fn(Backend) -> anyhow::Result<()>` into two tokio tests.
