@@ -1328,14 +1328,66 @@ async fn logs_next_after_sequence_only_when_more_follow(backend: Backend) -> any
     assert_eq!(last.logs.iter().map(|l| l.sequence).collect::<Vec<_>>(), vec![3, 4]);
     assert_eq!(
         last.next_after_sequence, None,
-        "CONTROL-PLANE BUG: GET /executions/{{id}}/logs?limit=2&after_sequence=2 returned the last 2 of 4 lines with \
-         next_after_sequence={:?}, but the contract (docs/control-plane.md, core::api::ExecutionLogsResponse) says \
-         it is set only when more lines follow",
+        "regression: the last page of 4 lines must not announce more (next_after_sequence={:?}); the contract \
+         (docs/control-plane.md, core::api::ExecutionLogsResponse) sets it only when more lines follow",
         last.next_after_sequence
     );
     Ok(())
 }
 both_backends!(logs_next_after_sequence_only_when_more_follow => logs_next_after_sequence_only_when_more_follow_sqlite, logs_next_after_sequence_only_when_more_follow_postgres);
+
+/// Regressions: a CREATE of a VM that exists (and is not deleted) is a conflict, a VM created twice in one
+/// plan is refused, and the idempotency key is compared trimmed.
+async fn create_conflicts_and_trimmed_keys(backend: Backend) -> anyhow::Result<()> {
+    let cp = start_or_skip!(ControlPlane::start(backend));
+    let fx = bootstrap(&cp).await?;
+    let vm = unique("vm");
+    let key = unique("key");
+    let first = apply_raw(
+        &cp,
+        &fx.api_key,
+        fx.site_id(),
+        &json!({"idempotency_key": key, "actions": [create_json(&vm)]}),
+    )
+    .await;
+    let first: ApplyPlanResponse = expect_json(first, StatusCode::OK, "first create").await?;
+    // The same request with surrounding blanks in the key is the same request.
+    let again = apply_raw(
+        &cp,
+        &fx.api_key,
+        fx.site_id(),
+        &json!({"idempotency_key": format!(" {key} "), "actions": [create_json(&vm)]}),
+    )
+    .await;
+    let again: ApplyPlanResponse = expect_json(again, StatusCode::OK, "same key with blanks").await?;
+    assert_eq!(again.plan_id, first.plan_id);
+    assert!(again.deduplicated);
+    // Another plan creating the same VM: 409, and nothing is stored.
+    let before = site_executions(&cp, &fx).await?.len();
+    let r = apply_raw(
+        &cp,
+        &fx.api_key,
+        fx.site_id(),
+        &json!({"idempotency_key": unique("key"), "actions": [create_json(&vm)]}),
+    )
+    .await;
+    let err = expect_error(r, StatusCode::CONFLICT, "CONFLICT").await;
+    assert!(err.error.contains("already exists"), "{}", err.error);
+    assert_eq!(site_executions(&cp, &fx).await?.len(), before);
+    // One plan creating one VM twice: 400 naming the second action.
+    let other = unique("vm");
+    let r = apply_raw(
+        &cp,
+        &fx.api_key,
+        fx.site_id(),
+        &json!({"idempotency_key": unique("key"), "actions": [create_json(&other), create_json(&other)]}),
+    )
+    .await;
+    let err = expect_error(r, StatusCode::BAD_REQUEST, "VALIDATION_FAILED").await;
+    assert!(err.error.contains("actions[1].vm_id"), "{}", err.error);
+    Ok(())
+}
+both_backends!(create_conflicts_and_trimmed_keys => create_conflicts_and_trimmed_keys_sqlite, create_conflicts_and_trimmed_keys_postgres);
 
 // ---------------------------------------------------------------------------------------------------------
 // 7. Audit

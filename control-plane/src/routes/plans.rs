@@ -80,8 +80,19 @@ async fn check_vms(state: &SharedState, tenant: &str, site: &str, actions: &[Val
                     a.vm_id
                 )))
             }
+            ("CREATE", Some((_, vm_state))) if vm_state != "DELETED" => {
+                return Err(ApiError::conflict(format!(
+                    "actions[{i}].vm_id: VM {} already exists ({vm_state}); delete it first or use another id",
+                    a.vm_id
+                )))
+            }
             ("CREATE", _) => {
-                created.insert(a.vm_id.clone());
+                if !created.insert(a.vm_id.clone()) {
+                    return Err(ApiError::validation(format!(
+                        "actions[{i}].vm_id: VM {} is created twice in this plan",
+                        a.vm_id
+                    )));
+                }
             }
             (_, Some((vm_site, vm_state))) if vm_site == site && vm_state != "DELETED" => {}
             _ if created.contains(&a.vm_id) => {}
@@ -114,12 +125,21 @@ pub async fn apply_plan(
     if req.client_request_id.as_ref().is_some_and(|c| c.len() > 200) {
         return Err(ApiError::validation("client_request_id must be at most 200 characters"));
     }
-    let request_sha256 = sha256_hex(&serde_json::to_vec(&req).unwrap_or_default());
+    // The hash covers the request as understood (trimmed key), so that `"k"` and `"k "` are one key.
+    let mut normalized = req.clone();
+    normalized.idempotency_key = key.clone();
+    let request_sha256 = sha256_hex(&serde_json::to_vec(&normalized).unwrap_or_default());
     if let Some(found) = existing_plan(&state, &auth, &site_id, &key, &request_sha256).await? {
         return Ok(Json(found));
     }
     let actions = plans::validate_actions(&req.actions).map_err(ApiError::validation)?;
-    check_vms(&state, &auth.tenant_id, &site_id, &actions).await?;
+    if let Err(e) = check_vms(&state, &auth.tenant_id, &site_id, &actions).await {
+        // A concurrent apply of this very request may have created the VMs meanwhile: answer as its repeat.
+        if let Some(found) = existing_plan(&state, &auth, &site_id, &key, &request_sha256).await? {
+            return Ok(Json(found));
+        }
+        return Err(e);
+    }
 
     let plan_id = new_id();
     let now = now_ms();
@@ -160,13 +180,13 @@ pub async fn apply_plan(
     }
     for (i, a) in actions.iter().enumerate() {
         if a.operation == "CREATE" {
-            sqlx::query(
+            let created: Option<String> = sqlx::query_scalar(
                 "INSERT INTO microvms (tenant_id, id, site_id, name, state, vcpu_count, memory_mib, spec_json, \
                  last_transition_at, created_at, updated_at) VALUES ($1, $2, $3, $4, 'CREATING', $5, $6, $7, $8, $8, $8) \
                  ON CONFLICT (tenant_id, id) DO UPDATE SET state = 'CREATING', name = excluded.name, \
                  vcpu_count = excluded.vcpu_count, memory_mib = excluded.memory_mib, spec_json = excluded.spec_json, \
                  host_id = NULL, last_transition_at = excluded.updated_at, updated_at = excluded.updated_at \
-                 WHERE microvms.site_id = excluded.site_id AND microvms.state = 'DELETED'",
+                 WHERE microvms.site_id = excluded.site_id AND microvms.state = 'DELETED' RETURNING id",
             )
             .bind(&auth.tenant_id)
             .bind(&a.vm_id)
@@ -176,8 +196,19 @@ pub async fn apply_plan(
             .bind(a.memory_mib)
             .bind(a.params.to_string())
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+            if created.is_none() {
+                // Another plan created this VM since the check above.
+                drop(tx);
+                if let Some(found) = existing_plan(&state, &auth, &site_id, &key, &request_sha256).await? {
+                    return Ok(Json(found));
+                }
+                return Err(ApiError::conflict(format!(
+                    "actions[{i}].vm_id: VM {} already exists",
+                    a.vm_id
+                )));
+            }
         }
         sqlx::query(
             "INSERT INTO executions (id, tenant_id, site_id, plan_id, ordinal, operation_id, operation_type, vm_id, \
@@ -331,11 +362,14 @@ pub async fn execution_logs(
     .bind(&auth.tenant_id)
     .bind(execution_id)
     .bind(after)
-    .bind(limit)
+    .bind(limit + 1)
     .fetch_all(&state.db.pool)
     .await?;
+    // One row more than asked tells whether another page follows.
+    let more = rows.len() as i64 > limit;
     let logs = rows
         .iter()
+        .take(limit as usize)
         .map(|r| {
             Ok(ExecutionLog {
                 tenant_id: r.try_get(0)?,
@@ -348,11 +382,7 @@ pub async fn execution_logs(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let next_after_sequence = if logs.len() as i64 == limit {
-        logs.last().map(|l| l.sequence)
-    } else {
-        None
-    };
+    let next_after_sequence = if more { logs.last().map(|l| l.sequence) } else { None };
     Ok(Json(ExecutionLogsResponse {
         logs,
         next_after_sequence,
