@@ -828,7 +828,8 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
     }
 
     // Shutdown: the executor finishes its current action, then the spool is flushed.
-    shared.stop(lock(&shared.stop_reason).clone().unwrap_or(Stop::Signal));
+    let reason = lock(&shared.stop_reason).clone().unwrap_or(Stop::Signal);
+    shared.stop(reason);
     let _ = exec_handle.await;
     shared.draining.store(true, Ordering::SeqCst);
     shared.spool_notify.notify_one();
@@ -846,7 +847,8 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
         sender_handle.abort();
     }
     let left = lock(&shared.spool).len();
-    if let Some(Stop::Fatal(msg)) = lock(&shared.stop_reason).clone() {
+    let reason = lock(&shared.stop_reason).clone();
+    if let Some(Stop::Fatal(msg)) = reason {
         return Err(ExitError::new(EXIT_REVOKED, msg));
     }
     info(&format!("stopped ({left} undelivered spool entr(ies) kept)"));
