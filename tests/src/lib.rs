@@ -10,6 +10,8 @@
 //!   (tenant, API key, site, token, enrollment), error-body assertions and polling.
 //! * [`rawtls`]: one pinned HTTP/1.1-over-TLS connection (keep-alive tests).
 //! * [`plans`]: plan, execution, log and VM calls (apply, lease, report results).
+//! * [`edge`]: the real `nkudo-edge` agent on a simulated host ([`EdgeHost`]) with the Cloud Hypervisor and
+//!   NetBird stand-ins, plus polling helpers for plans, executions and logs.
 //! * [`csr`]: CSRs (rcgen ECDSA P-256 or `openssl req` RSA-4096), a throw-away CA, certificate inspection.
 //!
 //! Scenarios that run on both backends are written once as `async fn scenario(backend: Backend)` and
@@ -18,6 +20,7 @@
 pub mod client;
 pub mod csr;
 pub mod db;
+pub mod edge;
 pub mod harness;
 pub mod plans;
 pub mod rawtls;
@@ -25,6 +28,7 @@ pub mod rawtls;
 pub use client::*;
 pub use csr::*;
 pub use db::*;
+pub use edge::*;
 pub use harness::*;
 pub use plans::*;
 pub use rawtls::*;
