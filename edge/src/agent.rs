@@ -26,7 +26,8 @@ use crate::vm::VmBackend;
 use crate::{ExitError, EXIT_FAILURE, EXIT_NOT_ENROLLED, EXIT_REVOKED, EXIT_UNREACHABLE};
 use nkudo_core::api::{
     ActionResult, AgentLogsRequest, ExecutionResultRequest, ExecutionUpdate, HeartbeatRequest, HeartbeatResponse,
-    LeasedPlan, LogEntry, LogIngestResponse, NetbirdStatus, NextPlansResponse, RenewRequest, RenewResponse,
+    LeasedPlan, LogEntry, LogIngestResponse, MicroVmReport, NetbirdStatus, NextPlansResponse, RenewRequest,
+    RenewResponse,
 };
 use std::collections::VecDeque;
 use std::path::Path;
@@ -50,6 +51,9 @@ pub const PLANS_POLL_INTERVAL: Duration = Duration::from_secs(30);
 pub const NETBIRD_REFRESH: Duration = Duration::from_secs(30);
 /// Helper binary versions are refreshed this often.
 pub const BINARIES_REFRESH: Duration = Duration::from_secs(3600);
+/// A deleted VM is reported as `DELETED` in this many heartbeats after its deletion (a tombstone), so that a
+/// heartbeat snapshot taken before the deletion cannot leave it listed as alive at the control plane.
+pub const TOMBSTONE_HEARTBEATS: u32 = 5;
 /// How long a shutdown (or `--once`) waits to deliver the spool.
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -118,6 +122,8 @@ struct Shared<B: VmBackend> {
     draining: AtomicBool,
     agent_id: String,
     serial_mismatches: Mutex<u32>,
+    /// VMs deleted recently: (vm id, heartbeats left to report them `DELETED`).
+    tombstones: Mutex<Vec<(String, u32)>>,
 }
 
 impl<B: VmBackend> Shared<B> {
@@ -318,6 +324,15 @@ async fn executor_task<B: VmBackend>(shared: Arc<Shared<B>>, mut rx: mpsc::Unbou
             plan.actions.len()
         ));
         let out = shared.executor.run_plan(&plan, &mut sink, &shared.stopping).await;
+        for (action, result) in plan.actions.iter().zip(&out.results) {
+            if result.ok && action.action_type == nkudo_core::api::ACTION_DELETE {
+                if let Some(vm_id) = action.params.get("vm_id").and_then(|v| v.as_str()) {
+                    let mut t = lock(&shared.tombstones);
+                    t.retain(|(id, _)| id != vm_id);
+                    t.push((vm_id.to_string(), TOMBSTONE_HEARTBEATS));
+                }
+            }
+        }
         if out.interrupted {
             info(&format!(
                 "plan {} interrupted by shutdown; the rest stays leased",
@@ -513,7 +528,23 @@ async fn heartbeat_once<B: VmBackend>(
         kvm_device: Path::new("/dev/kvm"),
         binaries: probes.binaries.clone(),
     });
-    let microvms = shared.executor.backend().list().await;
+    let mut microvms = shared.executor.backend().list().await;
+    {
+        let mut t = lock(&shared.tombstones);
+        for (vm_id, left) in t.iter_mut() {
+            if !microvms.iter().any(|v| &v.id == vm_id) {
+                microvms.push(MicroVmReport {
+                    id: vm_id.clone(),
+                    name: vm_id.clone(),
+                    state: Some("DELETED".into()),
+                    updated_at: Some(now_rfc3339()),
+                    ..Default::default()
+                });
+            }
+            *left = left.saturating_sub(1);
+        }
+        t.retain(|(_, left)| *left > 0);
+    }
     let seq = {
         let mut st = lock(&shared.state);
         st.next_heartbeat_seq()
@@ -681,6 +712,7 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
         draining: AtomicBool::new(false),
         agent_id: identity.agent_id.clone(),
         serial_mismatches: Mutex::new(0),
+        tombstones: Mutex::new(Vec::new()),
         settings,
     });
     let (plan_tx, plan_rx) = mpsc::unbounded_channel::<Vec<LeasedPlan>>();
