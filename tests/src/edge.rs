@@ -513,3 +513,26 @@ pub async fn all_logs(cp: &ControlPlane, api_key: &str, execution_id: &str) -> a
     }
     bail!("more than 10000 pages of logs")
 }
+
+/// Waits until the control plane saw `n` more heartbeats of the site's (single) host: its
+/// `agent_last_heartbeat_at` changed `n` times. A deliberate observation window with a deadline.
+pub async fn wait_heartbeats(cp: &ControlPlane, fx: &Fixture, n: usize) -> anyhow::Result<()> {
+    let mut last = site_hosts(cp, fx)
+        .await?
+        .first()
+        .and_then(|h| h.agent_last_heartbeat_at.clone());
+    for i in 0..n {
+        last = poll_until(Duration::from_secs(30), &format!("heartbeat {}/{n}", i + 1), || {
+            let prev = last.clone();
+            async move {
+                let now = site_hosts(cp, fx)
+                    .await?
+                    .first()
+                    .and_then(|h| h.agent_last_heartbeat_at.clone());
+                Ok((now.is_some() && now != prev).then_some(now))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
