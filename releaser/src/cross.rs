@@ -74,11 +74,33 @@ impl BuildRequest {
             cmd.args(["-p", package]);
         }
         cmd.arg("--bins")
+            .env("CARGO_ENCODED_RUSTFLAGS", self.rustflags())
             .env("NKUDO_VERSION", &self.version)
             .env("NKUDO_GIT_COMMIT", &self.git_commit)
             .env("NKUDO_BUILD_DATE", &self.build_date)
             .env("SOURCE_DATE_EPOCH", self.source_date_epoch.to_string());
         Ok(cmd)
+    }
+
+    /// The rustflags of the build: the caller's (`CARGO_ENCODED_RUSTFLAGS` or `RUSTFLAGS`) plus path remapping,
+    /// so that the binaries do not depend on where the workspace and `CARGO_HOME` are (panic messages of
+    /// dependencies carry their source paths): builds on other machines give the same bytes.
+    pub fn rustflags(&self) -> String {
+        let mut flags: Vec<String> = match (std::env::var("CARGO_ENCODED_RUSTFLAGS"), std::env::var("RUSTFLAGS")) {
+            (Ok(enc), _) if !enc.is_empty() => enc.split('\x1f').map(str::to_string).collect(),
+            (_, Ok(plain)) => plain.split_whitespace().map(str::to_string).collect(),
+            _ => Vec::new(),
+        };
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+        if let Some(home) = cargo_home {
+            flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+        }
+        if let Ok(ws) = std::fs::canonicalize(&self.workspace) {
+            flags.push(format!("--remap-path-prefix={}=/build", ws.display()));
+        }
+        flags.join("\x1f")
     }
 
     /// Runs the build with inherited output.
@@ -131,6 +153,7 @@ mod tests {
         assert!(envs
             .iter()
             .any(|(k, v)| *k == "NKUDO_VERSION" && v.is_some_and(|v| v == "0.1.0")));
+        assert!(req.rustflags().contains("--remap-path-prefix="));
         let bad = BuildRequest {
             targets: vec!["x86_64-pc-windows-msvc".into()],
             ..req
