@@ -1,0 +1,146 @@
+//! The control plane goes away in the middle of a plan and comes back on the same address with the same data:
+//! the agent keeps executing the leased plan, keeps its results and log lines in its on-disk spool, backs off
+//! (no hammering), and delivers everything in order when the control plane is back: nothing is lost.
+//!
+//! The outage lasts `NKUDO_TEST_CP_OUTAGE_SECS` seconds (default 15; the acceptance scenario's minute is
+//! `NKUDO_TEST_CP_OUTAGE_SECS=60`): the behaviour is the same, only the backoff climbs higher. The agent's
+//! backoff cap is lowered to 4 s (`NKUDO_MAX_BACKOFF`) so that it notices the return within seconds.
+
+use nkudo_core::api::PlanActionSpec;
+use nkudo_tests::*;
+use std::time::{Duration, Instant};
+
+fn op(mut a: PlanActionSpec, id: &str) -> PlanActionSpec {
+    a.operation_id = Some(id.to_string());
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_down_nothing_lost_all_delivered_in_order() -> anyhow::Result<()> {
+    let outage = Duration::from_secs(
+        std::env::var("NKUDO_TEST_CP_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(15),
+    );
+    let port = free_port()?;
+    let mut cp = start_or_skip!(edge_control_plane(Backend::Sqlite)
+        .env("CONTROL_PLANE_ADDR", format!("127.0.0.1:{port}"))
+        .start());
+    let fx = bootstrap(&cp).await?;
+    let mut host = EdgeHost::new("edge-outage")?;
+    host.enroll(&cp, &fx).await?;
+    host.set_env("MOCK_CH_DELAY_MS", "200");
+    host.set_env("NKUDO_MAX_BACKOFF", "4s");
+    host.spawn(&cp)?;
+    let (a, b) = (unique("vm"), unique("vm"));
+    let ops = ["create-a", "start-a", "create-b", "start-b", "stop-a"];
+    let p = apply_plan(
+        &cp,
+        &fx,
+        &plan_request(
+            &unique("outage"),
+            vec![
+                op(host.create_spec(&a), ops[0]),
+                op(vm_action("START", &a), ops[1]),
+                op(host.create_spec(&b), ops[2]),
+                op(vm_action("START", &b), ops[3]),
+                op(vm_action("STOP", &a), ops[4]),
+            ],
+        ),
+    )
+    .await?;
+
+    // As soon as the agent holds the plan, the control plane goes down.
+    poll_until(Duration::from_secs(30), "the agent started the plan", || async {
+        Ok(host.action_record("create-a")?.map(|_| ()))
+    })
+    .await?;
+    let st = cp.stop().await?;
+    assert!(st.success());
+    let down_at = Instant::now();
+
+    // The agent carries on without it: every action finishes locally, results and logs wait in the spool.
+    poll_until(
+        outage.max(Duration::from_secs(30)),
+        "all actions done while the CP is down",
+        || async {
+            let mut all = true;
+            for id in ops {
+                all &= host.action_record(id)?.is_some_and(|r| r["state"] == "succeeded");
+            }
+            Ok(all.then_some(()))
+        },
+    )
+    .await?;
+    let spooled = host.spool_len();
+    assert!(
+        spooled >= ops.len() * 3,
+        "results and logs wait on disk: {spooled} entries"
+    );
+    assert!(
+        host.is_running(),
+        "the agent keeps running while the control plane is away"
+    );
+    // Stay down for the rest of the outage (the scenario's length, not a wait for a condition).
+    if let Some(rest) = outage.checked_sub(down_at.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    assert!(host.is_running());
+    assert!(
+        host.spool_len() >= spooled,
+        "nothing was dropped or lost while the CP was away"
+    );
+    let failures = host.log().matches("heartbeat failed").count();
+    let secs = down_at.elapsed().as_secs() as usize;
+    assert!(failures >= 2, "the agent kept trying: {failures}");
+    assert!(
+        failures < secs,
+        "backoff, not one attempt per interval: {failures} in {secs}s\n{}",
+        host.log_tail(3000)
+    );
+
+    // Back on the same address with the same data: everything arrives.
+    cp.restart().await?;
+    assert!(cp.base_url.ends_with(&format!(":{port}")), "{}", cp.base_url);
+    let done = wait_plan_done(&cp, &fx, &p.plan_id, Duration::from_secs(60)).await?;
+    assert_eq!(done.plan_status, "SUCCEEDED", "{done:#?}\n{}", host.log_tail(4000));
+    assert!(done.executions.iter().all(|e| e.state == "SUCCEEDED"), "{done:#?}");
+    poll_until(Duration::from_secs(30), "spool drained", || async {
+        Ok((host.spool_len() == 0).then_some(()))
+    })
+    .await?;
+    // Each execution's lines, in order, none missing: started then succeeded, numbered 1 and 2.
+    for id in ops {
+        let exec = execution_of(&done, id).id.clone();
+        let lines = all_logs(&cp, &fx.api_key, &exec).await?;
+        let seqs: Vec<i64> = lines.iter().map(|l| l.sequence).collect();
+        assert_eq!(seqs, vec![1, 2], "{id}: {lines:#?}");
+        assert!(
+            lines[0].message.ends_with("started") && lines[1].message.ends_with("succeeded"),
+            "{lines:#?}"
+        );
+    }
+    // Executions completed in plan order (their completion times are the agent's).
+    let done_at: Vec<String> = ops
+        .iter()
+        .map(|id| execution_of(&done, id).completed_at.clone().unwrap_or_default())
+        .collect();
+    assert!(done_at.windows(2).all(|w| w[0] <= w[1]), "{done_at:?}");
+    assert_eq!(site_vm(&cp, &fx, &a).await?.state, "STOPPED");
+    assert_eq!(site_vm(&cp, &fx, &b).await?.state, "RUNNING");
+    assert!(
+        host.log().contains("control plane reachable again"),
+        "{}",
+        host.log_tail(3000)
+    );
+    assert!(!host.log().contains("dropped"), "{}", host.log_tail(3000));
+    // The site is ONLINE again.
+    poll_until(Duration::from_secs(30), "site ONLINE", || async {
+        Ok((site_of(&cp, &fx).await?.connectivity_state == "ONLINE").then_some(()))
+    })
+    .await?;
+    let status = host.stop().await?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
