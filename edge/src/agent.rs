@@ -765,12 +765,8 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
                 // Progress that went out is done (unless it changed meanwhile).
                 lock(&shared.progress).retain(|u| !sent_updates.contains(&(u.execution_id.clone(), u.state.clone())));
                 if resp.next_heartbeat_seconds > 0 {
+                    // The control plane's interval wins (ours is the starting value).
                     interval = Duration::from_secs(resp.next_heartbeat_seconds as u64);
-                    // An interval set explicitly (flag, environment, config) may only be shortened by the
-                    // control plane's.
-                    if shared.settings.heartbeat_interval_explicit {
-                        interval = interval.min(shared.settings.heartbeat_interval);
-                    }
                 }
                 sleep_for = interval;
                 if ok_count == 1 {

@@ -205,7 +205,7 @@ pub struct RunArgs {
     pub provider: ProviderArgs,
     #[command(flatten)]
     pub netbird: NetbirdArgs,
-    /// Heartbeat interval until the control plane names one (±10% jitter) [default: 15s]
+    /// Heartbeat interval until the control plane names one, which then wins (±10% jitter) [default: 15s]
     #[arg(long, env = "NKUDO_HEARTBEAT_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
     pub heartbeat_interval: Option<Duration>,
     /// One heartbeat (and the plans it leases, executed and reported), then exit.
@@ -566,8 +566,6 @@ pub struct RunSettings {
     pub provider: ProviderSettings,
     pub netbird: NetbirdSettings,
     pub heartbeat_interval: Duration,
-    /// The interval was set (flag, environment or config): the control plane's may shorten it, not lengthen it.
-    pub heartbeat_interval_explicit: bool,
     pub once: bool,
     pub spool_max_entries: usize,
     pub spool_max_bytes: u64,
@@ -600,7 +598,6 @@ impl RunSettings {
             provider: ProviderSettings::resolve(&a.provider, f),
             netbird: NetbirdSettings::resolve(&a.netbird, f)?,
             heartbeat_interval: interval,
-            heartbeat_interval_explicit: a.heartbeat_interval.or(f.heartbeat_interval).is_some(),
             once: a.once,
             spool_max_entries: env_num("NKUDO_SPOOL_MAX_ENTRIES")?
                 .map(|v| v as usize)
@@ -688,6 +685,15 @@ mod tests {
         assert!(!s.netbird.enabled);
         assert!(s.netbird.auto_join);
         assert!(s.once);
+    }
+
+    #[test]
+    fn the_shipped_sample_config_parses() {
+        let text = include_str!("../../deployments/config/edge.toml");
+        let f: FileConfig = toml::from_str(text).unwrap();
+        assert!(f.control_plane.is_some());
+        assert_eq!(f.heartbeat_interval, Some(Duration::from_secs(15)));
+        assert!(f.netbird.setup_key_file.is_some());
     }
 
     #[test]

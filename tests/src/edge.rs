@@ -154,7 +154,12 @@ impl EdgeHost {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut cmd = Command::new(bin_path(EDGE_BIN));
+        // NKUDO_EDGE_BIN: measure another build of the agent (e.g. the static release binary).
+        let bin = std::env::var_os("NKUDO_EDGE_BIN")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin_path(EDGE_BIN));
+        let mut cmd = Command::new(bin);
         cmd.args(args);
         for k in SCRUBBED_ENV {
             cmd.env_remove(k);
