@@ -352,6 +352,17 @@ impl EdgeHost {
             .unwrap_or(0)
     }
 
+    /// The action ids of the results waiting in the spool, in order.
+    pub fn spooled_results(&self) -> Vec<String> {
+        std::fs::read_to_string(self.state_dir.join("spool.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "result")
+            .filter_map(|v| v["result"]["action_id"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// A CREATE that boots on the stand-in: this host's kernel and disk image, a command line.
     pub fn create_spec(&self, vm_id: &str) -> PlanActionSpec {
         PlanActionSpec {
