@@ -129,7 +129,7 @@ async fn sigterm_finishes_the_current_action_and_exits_cleanly() -> anyhow::Resu
     let fx = bootstrap(&cp).await?;
     let mut host = EdgeHost::new("edge-term")?;
     host.enroll(&cp, &fx).await?;
-    host.set_env("MOCK_CH_DELAY_MS", "300");
+    host.set_env("MOCK_CH_DELAY_MS", "600");
     host.spawn(&cp)?;
     let (a, b) = (unique("vm"), unique("vm"));
     let p = apply_plan(&cp, &fx, &plan_request(&unique("term"), two_vms(&host, &a, &b))).await?;
@@ -140,6 +140,8 @@ async fn sigterm_finishes_the_current_action_and_exits_cleanly() -> anyhow::Resu
             .then_some(()))
     })
     .await?;
+    // The heartbeat told the control plane that the action is under way.
+    wait_execution(&cp, &fx, &p.plan_id, "start-a", "IN_PROGRESS", Duration::from_secs(10)).await?;
     host.signal("TERM")?;
     let status = host.wait_exit(Duration::from_secs(60)).await?;
     assert!(status.success(), "SIGTERM exits 0: {status}\n{}", host.log_tail(3000));
