@@ -769,6 +769,15 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
                     interval = Duration::from_secs(resp.next_heartbeat_seconds as u64);
                 }
                 sleep_for = interval;
+                if once {
+                    println!(
+                        "heartbeat ok: agent {} → control plane {} (version {}), {} plan(s) leased",
+                        shared.agent_id,
+                        shared.client().base_url(),
+                        resp.control_plane_version,
+                        resp.pending_plans.len()
+                    );
+                }
                 if ok_count == 1 {
                     info(&format!(
                         "heartbeat accepted (control plane {}, next in {}s, {} plan(s) leased)",

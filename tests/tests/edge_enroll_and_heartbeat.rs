@@ -80,6 +80,11 @@ async fn enroll_and_heartbeat(backend: Backend) -> anyhow::Result<()> {
     // verify-heartbeat: one heartbeat, exit 0.
     let out = host.once(&cp)?;
     assert!(out.status.success(), "verify-heartbeat: {}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("heartbeat ok"),
+        "{}",
+        output_text(&out)
+    );
 
     // run: the site goes ONLINE; the host carries the agent's facts and NetBird status.
     host.spawn(&cp)?;
