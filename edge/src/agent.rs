@@ -400,6 +400,17 @@ async fn deliver<B: VmBackend>(shared: &Shared<B>, batch: &[SpoolItem]) -> Resul
                 results,
             };
             let _: serde_json::Value = client.post("/v1/executions/result", &req).await?;
+            let done: Vec<(String, String)> = req
+                .results
+                .iter()
+                .map(|r| (r.execution_id.clone().unwrap_or_default(), r.action_id.clone()))
+                .collect();
+            let mut st = lock(&shared.state);
+            if st.state.mark_reported(&done) {
+                if let Err(e) = st.save() {
+                    warn(&format!("cannot record delivered results: {e}"));
+                }
+            }
             Ok(batch.len())
         }
     }

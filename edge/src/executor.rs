@@ -154,18 +154,23 @@ impl<B: VmBackend> Executor<B> {
                         finished_at: rec.finished_at.clone(),
                     };
                     if !sink.has_pending_result(exec_id, aid) {
-                        self.log(
-                            sink,
-                            exec_id,
-                            aid,
-                            "INFO",
-                            format!(
-                                "{} already {} at {}: result replayed from the idempotency cache, not executed again",
-                                action.action_type,
-                                if result.ok { "succeeded" } else { "failed" },
-                                rec.finished_at.as_deref().unwrap_or("?")
-                            ),
-                        );
+                        if !rec.reported {
+                            self.log(
+                                sink,
+                                exec_id,
+                                aid,
+                                "INFO",
+                                format!(
+                                    "{} already {} at {}: result replayed from the idempotency cache, not executed \
+                                     again",
+                                    action.action_type,
+                                    if result.ok { "succeeded" } else { "failed" },
+                                    rec.finished_at.as_deref().unwrap_or("?")
+                                ),
+                            );
+                        }
+                        // A reported result is sent again quietly (idempotent at the control plane): its lease was
+                        // issued before our report arrived, or it lost the report.
                         sink.result(&plan.plan_id, &plan.execution_id, &result, true);
                     }
                     return result;
@@ -200,6 +205,7 @@ impl<B: VmBackend> Executor<B> {
                 .unwrap_or_else(|| started_at.clone()),
             finished_at: None,
             attempts: attempts + 1,
+            reported: false,
             updated_at: started_at.clone(),
         };
         let outcome = match self.save_record(rec.clone()) {
@@ -438,6 +444,15 @@ mod tests {
         assert!(out2.results.iter().all(|r| r.ok));
         assert_eq!(*lock(&ex.backend.calls), vec!["create vm-1", "start vm-1"]);
         assert_eq!(sink.results.iter().filter(|(_, replay)| *replay).count(), 2);
+        // Once the control plane acknowledged the results, a replay adds no log line.
+        let logs_before = sink.logs.len();
+        lock(&ex.state)
+            .state
+            .mark_reported(&[("e1".into(), "create".into()), ("e2".into(), "start".into())]);
+        ex.run_plan(&p, &mut sink, &stop).await;
+        assert_eq!(sink.logs.len(), logs_before);
+        assert_eq!(sink.results.iter().filter(|(_, replay)| *replay).count(), 4);
+        assert_eq!(lock(&ex.backend.calls).len(), 2);
         // Sequences per execution start at 1 and increase.
         let seqs: Vec<i64> = sink
             .logs
@@ -468,6 +483,7 @@ mod tests {
             started_at: now_rfc3339(),
             finished_at: None,
             attempts: 1,
+            reported: false,
             updated_at: now_rfc3339(),
         });
         let mut sink = MemorySink::default();

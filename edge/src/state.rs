@@ -99,6 +99,9 @@ pub struct ActionRecord {
     /// How many times the provider was called for this action (more than 1 only after a crash mid-action).
     #[serde(default)]
     pub attempts: u32,
+    /// The control plane acknowledged the result.
+    #[serde(default)]
+    pub reported: bool,
     pub updated_at: String,
 }
 
@@ -148,6 +151,18 @@ impl State {
             None => self.actions.push(rec),
         }
         self.prune(chrono::Utc::now());
+    }
+
+    /// Marks the results of these (execution id, action id) pairs as acknowledged by the control plane.
+    pub fn mark_reported(&mut self, done: &[(String, String)]) -> bool {
+        let mut changed = false;
+        for r in self.actions.iter_mut() {
+            if !r.reported && done.iter().any(|(e, a)| *e == r.execution_id && *a == r.action_id) {
+                r.reported = true;
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Drops finished records older than [`ACTION_RECORD_TTL`], then the oldest finished ones above
@@ -330,6 +345,7 @@ mod tests {
             started_at: updated.into(),
             finished_at: None,
             attempts: 1,
+            reported: false,
             updated_at: updated.into(),
         }
     }
