@@ -86,6 +86,54 @@ async fn enroll_and_heartbeat(backend: Backend) -> anyhow::Result<()> {
         output_text(&out)
     );
 
+    // Everything from the config file (no flags): precedence flags > environment > file > defaults.
+    let cfg = host.root().join("full.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_plane = \"https://127.0.0.1:1\"\nstate_dir = {:?}\npki_dir = {:?}\nruntime_dir = {:?}\n\
+             cloud_hypervisor_bin = {:?}\n[netbird]\nbin = {:?}\n",
+            host.state_dir,
+            host.pki_dir,
+            host.runtime_dir,
+            bin_path(MOCK_CH_BIN),
+            bin_path(MOCK_NETBIRD_BIN)
+        ),
+    )?;
+    // The file's control plane is wrong: the environment wins over it, a flag over both.
+    let out = host
+        .command(["--config"])
+        .arg(&cfg)
+        .arg("verify-heartbeat")
+        .env("NKUDO_CONTROL_PLANE", &cp.base_url)
+        .output()?;
+    assert!(out.status.success(), "config file + environment: {}", output_text(&out));
+    let out = host
+        .command(["--config"])
+        .arg(&cfg)
+        .args(["verify-heartbeat", "--control-plane", &cp.base_url])
+        .env("NKUDO_CONTROL_PLANE", "https://127.0.0.1:2")
+        .output()?;
+    assert!(out.status.success(), "flag over environment: {}", output_text(&out));
+    let out = host.command(["--config"]).arg(&cfg).arg("verify-heartbeat").output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "the file's unreachable URL: {}",
+        output_text(&out)
+    );
+    // --insecure-skip-verify is accepted and warns loudly (never needed here).
+    let out = host
+        .command(["verify-heartbeat", "--insecure-skip-verify"])
+        .args(host.run_args(&cp))
+        .output()?;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT verified"),
+        "{}",
+        output_text(&out)
+    );
+
     // run: the site goes ONLINE; the host carries the agent's facts and NetBird status.
     host.spawn(&cp)?;
     poll_until(Duration::from_secs(30), "site ONLINE", || async {
