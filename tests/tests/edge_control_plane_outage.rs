@@ -147,3 +147,78 @@ async fn control_plane_down_nothing_lost_all_delivered_in_order() -> anyhow::Res
     assert!(status.success(), "{status}");
     Ok(())
 }
+
+/// The spool is bounded: with room for 10 entries and the control plane away, a 6-action plan (18 entries)
+/// overflows it; the oldest log lines are dropped (and counted), no result is ever dropped, and everything kept
+/// is delivered in order once the control plane is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_drops_oldest_logs_never_results() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let mut cp = start_or_skip!(edge_control_plane(Backend::Sqlite)
+        .env("CONTROL_PLANE_ADDR", format!("127.0.0.1:{port}"))
+        .start());
+    let fx = bootstrap(&cp).await?;
+    let mut host = EdgeHost::new("edge-spool")?;
+    host.enroll(&cp, &fx).await?;
+    host.set_env("MOCK_CH_DELAY_MS", "100");
+    host.set_env("NKUDO_MAX_BACKOFF", "2s");
+    host.set_env("NKUDO_SPOOL_MAX_ENTRIES", "10");
+    host.spawn(&cp)?;
+    let vms: Vec<String> = (0..3).map(|_| unique("vm")).collect();
+    let mut actions = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        actions.push(op(host.create_spec(vm), &format!("create-{i}")));
+        actions.push(op(vm_action("START", vm), &format!("start-{i}")));
+    }
+    let ops: Vec<String> = actions.iter().filter_map(|a| a.operation_id.clone()).collect();
+    let p = apply_plan(&cp, &fx, &plan_request(&unique("spool"), actions)).await?;
+    poll_until(Duration::from_secs(30), "the agent started the plan", || async {
+        Ok(host.action_record("create-0")?.map(|_| ()))
+    })
+    .await?;
+    cp.stop().await?;
+    poll_until(
+        Duration::from_secs(60),
+        "all actions done while the CP is down",
+        || async {
+            let mut all = true;
+            for id in &ops {
+                all &= host.action_record(id)?.is_some_and(|r| r["state"] == "succeeded");
+            }
+            Ok(all.then_some(()))
+        },
+    )
+    .await?;
+    let pending = host.spooled_results();
+    assert!(
+        host.spool_len() <= 10 + pending.len(),
+        "bounded: {} entries",
+        host.spool_len()
+    );
+    assert!(host.log().contains("spool full"), "{}", host.log_tail(3000));
+
+    cp.restart().await?;
+    let done = wait_plan_done(&cp, &fx, &p.plan_id, Duration::from_secs(60)).await?;
+    assert_eq!(done.plan_status, "SUCCEEDED", "no result was dropped: {done:#?}");
+    assert!(done.executions.iter().all(|e| e.state == "SUCCEEDED"), "{done:#?}");
+    poll_until(Duration::from_secs(30), "spool drained", || async {
+        Ok((host.spool_len() == 0).then_some(()))
+    })
+    .await?;
+    // The newest lines survived: the last action's two lines are there, in order; older ones may be missing.
+    let last = execution_of(&done, "start-2").id.clone();
+    let lines = all_logs(&cp, &fx.api_key, &last).await?;
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines[0].sequence < lines[1].sequence);
+    let mut total = 0;
+    for id in &ops {
+        let e = execution_of(&done, id).id.clone();
+        let l = all_logs(&cp, &fx.api_key, &e).await?;
+        assert!(l.windows(2).all(|w| w[0].sequence < w[1].sequence), "{l:#?}");
+        total += l.len();
+    }
+    assert!(total < ops.len() * 2, "some old lines were dropped: {total}");
+    let status = host.stop().await?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
