@@ -220,6 +220,7 @@ pub fn warn_insecure(insecure: bool) {
 
 /// The spool-backed sink of the agent's executor.
 struct SpoolSink {
+    state: Arc<Mutex<StateStore>>,
     spool: Arc<Mutex<Spool>>,
     notify: Arc<Notify>,
     progress: Arc<Mutex<Vec<ExecutionUpdate>>>,
@@ -227,8 +228,21 @@ struct SpoolSink {
 
 impl Sink for SpoolSink {
     fn log(&mut self, entry: LogEntry) {
-        if let Err(e) = lock(&self.spool).push(SpoolItem::Log { entry }) {
-            error(&format!("spool: cannot queue a log line: {e}"));
+        let dropped = {
+            let mut sp = lock(&self.spool);
+            let before = sp.dropped_logs;
+            if let Err(e) = sp.push(SpoolItem::Log { entry }) {
+                error(&format!("spool: cannot queue a log line: {e}"));
+            }
+            sp.dropped_logs - before
+        };
+        if dropped > 0 {
+            // The running count of lines lost to a full spool, kept across restarts.
+            let mut st = lock(&self.state);
+            st.state.dropped_log_entries += dropped;
+            if let Err(e) = st.save() {
+                warn(&format!("cannot record dropped log lines: {e}"));
+            }
         }
         self.notify.notify_one();
     }
@@ -279,6 +293,7 @@ fn to_plan_run(p: LeasedPlan) -> PlanRun {
 async fn executor_task<B: VmBackend>(shared: Arc<Shared<B>>, mut rx: mpsc::UnboundedReceiver<Vec<LeasedPlan>>) {
     let mut queue: VecDeque<PlanRun> = VecDeque::new();
     let mut sink = SpoolSink {
+        state: shared.state.clone(),
         spool: shared.spool.clone(),
         notify: shared.spool_notify.clone(),
         progress: shared.progress.clone(),
@@ -582,12 +597,19 @@ async fn heartbeat_once<B: VmBackend>(
         execution_updates: updates,
         sent_at: Some(now_rfc3339()),
     };
-    // The wire type plus our extra host-fact keys (helper binaries, hostname): unknown keys are ignored.
+    // The wire type plus our extra keys (helper binaries and hostname in the facts; the spool's state): unknown
+    // keys are ignored by the control plane.
     let mut body = serde_json::to_value(&req).map_err(|e| CpError::Decode(e.to_string()))?;
+    let dropped = lock(&shared.state).state.dropped_log_entries;
+    let queued = lock(&shared.spool).len();
     if let serde_json::Value::Object(m) = &mut body {
         m.insert(
             "host_facts".into(),
             serde_json::to_value(&facts).map_err(|e| CpError::Decode(e.to_string()))?,
+        );
+        m.insert(
+            "spool".into(),
+            serde_json::json!({"queued_entries": queued, "dropped_log_entries": dropped}),
         );
     }
     shared.client().post("/v1/heartbeat", &body).await

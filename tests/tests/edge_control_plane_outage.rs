@@ -196,6 +196,8 @@ async fn full_spool_drops_oldest_logs_never_results() -> anyhow::Result<()> {
         host.spool_len()
     );
     assert!(host.log().contains("spool full"), "{}", host.log_tail(3000));
+    let dropped = host.state()?["dropped_log_entries"].as_u64().unwrap_or(0);
+    assert!(dropped > 0, "the drops are counted in the state file");
 
     cp.restart().await?;
     let done = wait_plan_done(&cp, &fx, &p.plan_id, Duration::from_secs(60)).await?;
