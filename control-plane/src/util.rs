@@ -20,11 +20,17 @@ pub fn rfc3339_opt(ms: Option<i64>) -> Option<String> {
     ms.map(rfc3339)
 }
 
-/// 32 random bytes, base64url without padding (43 characters).
+/// 32 random bytes, base64url without padding (43 characters). Never starts with `-`, so that a token passed
+/// on a command line (`nkudo-edge enroll --token <token>`) is not taken for a flag.
 pub fn random_secret() -> String {
-    let mut buf = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut buf);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+    loop {
+        let mut buf = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut buf);
+        let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf);
+        if !s.starts_with('-') {
+            return s;
+        }
+    }
 }
 
 /// Lowercase hex SHA-256: how every secret (API key, enrollment and refresh token) is stored.
@@ -58,6 +64,7 @@ mod tests {
     fn secrets_and_ids() {
         let s = random_secret();
         assert_eq!(s.len(), 43);
+        assert!((0..2000).all(|_| !random_secret().starts_with('-')), "a secret never looks like a flag");
         assert_ne!(s, random_secret());
         assert!(is_uuid(&new_id()));
         assert!(!is_uuid("not-a-uuid"));
