@@ -4,7 +4,9 @@
 //!   127.0.0.1:5432 (installed and started when missing), `openssl` is present, `cargo fmt --check`,
 //!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, the release build the dist tests check
 //!   (cross toolchain and test tools, a signing key made for the run, `cargo xtask dist`'s work twice into
-//!   `target/dist-test/{first,second}`), `cargo test --workspace --no-fail-fast`.
+//!   `target/dist-test/{first,second}`), the edge tests' tools (genisoimage, iproute2, iputils-ping, qemu-utils;
+//!   installed with apt-get when missing, required with CI=true), `cargo test --workspace --no-fail-fast`.
+//!   The workspace root is the checkout `cargo xtask` runs in (found at run time, not compiled in).
 //! * `cargo xtask dist [--version V] [--target T]... [--out DIR] [--key FILE]`: the release directory (static musl
 //!   cross builds with cargo-zigbuild, packages, OCI archive, SHA256SUMS, manifest, minisign signatures): builds
 //!   `releaser` for this machine and runs `releaser dist`, where the logic lives.
@@ -163,10 +165,7 @@ struct Ctx {
 
 impl Ctx {
     fn new() -> Result<Self> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("xtask lives one level below the workspace root")?
-            .to_path_buf();
+        let root = workspace_root()?;
         std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
         let ci = std::env::var("CI")
             .map(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
@@ -231,6 +230,39 @@ impl Ctx {
     }
 }
 
+/// The workspace root, found at run time (never the compile-time `CARGO_MANIFEST_DIR`: an xtask binary built in
+/// another checkout that shares the target directory would run cargo in that other tree). `cargo xtask` runs in
+/// the checkout it was invoked from, so: the nearest directory at or above the current one whose Cargo.toml has a
+/// `[workspace]` table; failing that, `cargo locate-project --workspace`.
+fn workspace_root() -> Result<PathBuf> {
+    let cwd = std::env::current_dir().context("current directory")?;
+    for dir in cwd.ancestors() {
+        let manifest = dir.join("Cargo.toml");
+        if let Ok(text) = std::fs::read_to_string(&manifest) {
+            if text.lines().any(|l| l.trim() == "[workspace]") {
+                return Ok(dir.to_path_buf());
+            }
+        }
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running `cargo locate-project --workspace`")?;
+    if !out.status.success() {
+        bail!(
+            "no Cargo.toml with [workspace] at or above {}: run `cargo xtask` inside the n-kudo checkout",
+            cwd.display()
+        );
+    }
+    let manifest = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("`cargo locate-project` gave {}", manifest.display()))
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // cargo xtask test
 
@@ -265,6 +297,10 @@ fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
     // The release directory the dist tests (releaser/tests/dist.rs) check with the real tools. Built here,
     // before `cargo test`, because a test cannot run cargo (the target directory lock).
     dist_for_tests(&mut ctx)?;
+    ctx.step(
+        "edge test tools (genisoimage, iproute2, iputils-ping, qemu-utils)",
+        |ctx| ensure_edge_test_tools(ctx).map(|_| ()),
+    )?;
     // The harness finds the binaries next to the test executables (target/debug); NKUDO_BIN_DIR is not set.
     // --no-fail-fast: every test binary runs, so one CI run shows every failure (the step still fails).
     let test_name = if args.cargo_test_args.is_empty() {
@@ -776,13 +812,38 @@ fn zig_version() -> Option<String> {
 /// Tools the dist tests run: minisign, skopeo, qemu-aarch64(-static), systemd-analyze, sha256sum, tar.
 /// Missing ones are installed with apt-get when possible; with CI=true nothing may be missing.
 fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
-    let tools: [(&str, &str); 5] = [
-        ("minisign", "minisign"),
-        ("skopeo", "skopeo"),
-        ("qemu-aarch64-static", "qemu-user-static"),
-        ("systemd-analyze", "systemd"),
-        ("sha256sum", "coreutils"),
-    ];
+    ensure_tools(
+        ctx,
+        &[
+            ("minisign", "minisign"),
+            ("skopeo", "skopeo"),
+            ("qemu-aarch64-static", "qemu-user-static"),
+            ("systemd-analyze", "systemd"),
+            ("sha256sum", "coreutils"),
+        ],
+        "the dist tests",
+    )
+}
+
+/// Tools the edge tests (tests/tests/edge_*.rs) run: genisoimage (cloud-init seed ISOs), ip (bridges and taps),
+/// ping and qemu-img (disk images). Same rule as the dist tools: installed with apt-get when possible; with
+/// CI=true nothing may be missing.
+fn ensure_edge_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
+    ensure_tools(
+        ctx,
+        &[
+            ("genisoimage", "genisoimage"),
+            ("ip", "iproute2"),
+            ("ping", "iputils-ping"),
+            ("qemu-img", "qemu-utils"),
+        ],
+        "the edge tests",
+    )
+}
+
+/// `(binary, Debian package)` pairs: installs the packages of missing binaries with apt-get when possible, then
+/// fails with CI=true if any is still missing, else prints a loud warning. Returns the binaries still missing.
+fn ensure_tools(ctx: &mut Ctx, tools: &[(&'static str, &'static str)], who: &str) -> Result<Vec<&'static str>> {
     let missing_pkgs: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| !have(bin))
@@ -805,14 +866,14 @@ fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
     if !still.is_empty() {
         if ctx.ci {
             bail!(
-                "missing {} and cannot install them here (needs root and apt-get)",
+                "missing {} ({who} need them) and cannot install them here (needs root and apt-get)",
                 still.join(", ")
             );
         }
         let bar = "!".repeat(100);
         println!("{bar}");
         println!(
-            "!!! WARNING: missing {}: the dist tests that need them print SKIPPED.",
+            "!!! WARNING: missing {}: {who} that need them print SKIPPED.",
             still.join(", ")
         );
         println!("{bar}");
@@ -823,6 +884,8 @@ fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
 fn which_version(bin: &str) -> String {
     let flag = match bin {
         "minisign" => "-v",
+        "ping" => "-V",
+        "ip" => "-V",
         _ => "--version",
     };
     version_of(bin, &[flag]).unwrap_or_else(|| "present".into())
@@ -1056,6 +1119,16 @@ mod tests {
             ("localhost".into(), 5432)
         );
         assert!(pg_host_port("mysql://x").is_err());
+    }
+
+    #[test]
+    fn finds_the_workspace_root_at_run_time() {
+        // `cargo test` runs this in xtask/; the root is the directory above, with the [workspace] Cargo.toml.
+        let root = workspace_root().unwrap();
+        assert!(root.join("xtask").join("Cargo.toml").is_file(), "{}", root.display());
+        assert!(std::fs::read_to_string(root.join("Cargo.toml"))
+            .unwrap()
+            .contains("[workspace]"));
     }
 
     #[test]
