@@ -5,13 +5,17 @@
 //! * [`build_info`]: version, git commit, build date and target triple of this build, and the `version` text.
 //! * [`fsutil`]: crash-safe (atomic) file writes.
 //! * [`layout`]: the host release layout (`/opt/nkudo/releases/<version>` + `current`), crash-safe switches.
+//! * [`manifest`]: the release manifest (`manifest.json`) and canonical JSON (what is signed).
+//! * [`minisign`]: minisign public keys and signatures: parse, verify (prehashed `ED`), trusted comments, sign.
 //! * [`version`]: the SemVer policy: channels, the pre-release format and the N/N-1 agent compatibility rule.
 //!
-//! This crate has no runtime dependencies (no tokio, no HTTP, no SQL) so that every binary can use it.
+//! This crate has no runtime dependencies (no tokio, no HTTP, no SQL; the crypto is ed25519-dalek, BLAKE2 and SHA-256) so that every binary can use it.
 
 pub mod api;
 pub mod build_info;
 pub mod fsutil;
 #[cfg(unix)]
 pub mod layout;
+pub mod manifest;
+pub mod minisign;
 pub mod version;

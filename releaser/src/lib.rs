@@ -5,8 +5,8 @@
 //! * [`package`]: deterministic `.tar.gz` archives;
 //! * [`oci`]: the control plane's multi-arch OCI image archive, without a container daemon;
 //! * [`checksums`]: SHA-256 and `SHA256SUMS`;
-//! * [`manifest`]: `manifest.json` and canonical JSON;
-//! * [`minisign`]: minisign keys and deterministic `ED` signatures (ed25519-dalek + BLAKE2b, scrypt keys);
+//! * [`manifest`]: `manifest.json` and canonical JSON (re-exported from `nkudo_core::manifest`);
+//! * [`minisign`]: minisign secret keys (scrypt) and signing; verification re-exported from `nkudo_core::minisign`;
 //! * [`dist`]: from built binaries to a signed release directory;
 //! * [`verify`]: checks a release directory: every signature, hash, size and the expiry.
 //!
