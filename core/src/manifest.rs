@@ -31,6 +31,14 @@ pub struct Manifest {
     /// The oldest agent version that the control plane of this release supports (N/N-1 rule).
     pub minimum_supported_agent_version: String,
     pub artifacts: Vec<Artifact>,
+    /// Set by `releaser promote`: the version (a pre-release, or for a rollback an earlier release) whose
+    /// artifacts this release republishes byte for byte. Absent in manifests `releaser dist` writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<String>,
+    /// Set by `releaser promote --rollback`: the release this one undoes. Its artifacts are the older, known-good
+    /// ones of `promoted_from`, published under a higher version so that every agent moves to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
 }
 
 /// One file of the release.
@@ -173,10 +181,19 @@ mod tests {
                 size: 3,
                 sha256: "00".into(),
             }],
+            promoted_from: None,
+            rollback_of: None,
         };
         let text = m.to_canonical_json();
         assert_eq!(Manifest::from_json(text.as_bytes()).unwrap(), m);
         assert_eq!(Manifest::from_json(text.as_bytes()).unwrap().to_canonical_json(), text);
+        assert!(!text.contains("promoted_from") && !text.contains("rollback_of"));
+        let mut promoted = m.clone();
+        promoted.promoted_from = Some("0.1.0-pre.3+abc1234".into());
+        promoted.rollback_of = Some("0.1.1".into());
+        let ptext = promoted.to_canonical_json();
+        assert!(ptext.contains("\"promoted_from\": \"0.1.0-pre.3+abc1234\""));
+        assert_eq!(Manifest::from_json(ptext.as_bytes()).unwrap(), promoted);
         let bad = text.replace("\"schema_version\": 1", "\"schema_version\": 9");
         assert!(matches!(
             Manifest::from_json(bad.as_bytes()),

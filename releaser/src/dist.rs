@@ -328,6 +328,8 @@ pub fn package(req: &PackageRequest<'_>, progress: &(dyn Fn(&str) + Sync)) -> Re
         expires: expires.clone(),
         minimum_supported_agent_version: minimum_supported_agent_version(&req.version).to_string(),
         artifacts,
+        promoted_from: None,
+        rollback_of: None,
     };
     let mut finish = || -> Result<(), DistError> {
         let manifest_bytes = manifest.to_canonical_json().into_bytes();

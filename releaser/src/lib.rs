@@ -8,6 +8,7 @@
 //! * [`manifest`]: `manifest.json` and canonical JSON (re-exported from `nkudo_core::manifest`);
 //! * [`minisign`]: minisign secret keys (scrypt) and signing; verification re-exported from `nkudo_core::minisign`;
 //! * [`dist`]: from built binaries to a signed release directory;
+//! * [`promote`]: a verified pre-release directory to a signed release directory, byte-identical artifacts;
 //! * [`verify`]: checks a release directory: every signature, hash, size and the expiry.
 //!
 //! Files are written atomically with `nkudo_core::fsutil::write_atomic` (temp, fsync, rename).
@@ -19,5 +20,6 @@ pub mod manifest;
 pub mod minisign;
 pub mod oci;
 pub mod package;
+pub mod promote;
 pub mod verify;
 pub mod version;

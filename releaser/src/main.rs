@@ -69,6 +69,9 @@ enum Cmd {
     Dist(DistArgs),
     /// Verify a release directory: every signature, size, SHA-256 and the manifest's expiry.
     Verify(VerifyArgs),
+    /// Promote a verified pre-release directory to a release (or, with --rollback, republish an older known-good
+    /// release under a new patch version): byte-identical artifacts, a new signed manifest, no rebuild.
+    Promote(PromoteArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -208,6 +211,50 @@ struct VerifyArgs {
     output: OutputArg,
 }
 
+#[derive(Debug, Args)]
+struct TrustedKeyArgs {
+    /// The trusted public key file (minisign format). Never taken from the directory itself.
+    #[arg(long, value_name = "FILE", required_unless_present = "public_key_string")]
+    public_key: Option<PathBuf>,
+    /// The trusted public key as its base64 line (`RWQ...`, what `minisign -P` takes).
+    #[arg(long, value_name = "BASE64", conflicts_with = "public_key")]
+    public_key_string: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PromoteArgs {
+    /// The pre-release directory (`releaser dist` output); with --rollback, an older release directory.
+    from: PathBuf,
+    /// The release version (vX.Y.Z): greater than the latest release.
+    #[arg(long, value_name = "VERSION")]
+    to: String,
+    /// Republish older known-good artifacts under --to (a patch release of the latest release); the manifest
+    /// records `rollback_of: <latest release>`.
+    #[arg(long)]
+    rollback: bool,
+    #[command(flatten)]
+    trusted: TrustedKeyArgs,
+    #[command(flatten)]
+    key: KeyArg,
+    /// The changelog that must have a `## [X.Y.Z]` (or `## vX.Y.Z`) section for the version.
+    #[arg(long, default_value = "CHANGELOG.md")]
+    changelog: PathBuf,
+    /// The latest release so far (else read from --releases-dir; with neither, this is the first release).
+    #[arg(long, value_name = "VERSION", conflicts_with = "releases_dir")]
+    latest_release: Option<String>,
+    /// A directory of release directories (each with a manifest.json): the highest `release` is the latest.
+    #[arg(long, value_name = "DIR")]
+    releases_dir: Option<PathBuf>,
+    /// Output directory (must not exist; default dist-vX.Y.Z).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Days the release manifest stays valid from now.
+    #[arg(long, default_value_t = dist::DEFAULT_EXPIRY_DAYS)]
+    expires_in_days: u32,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -219,6 +266,7 @@ fn main() -> ExitCode {
         Cmd::Package(a) => cmd_package(&a.release, &a.opts),
         Cmd::Dist(a) => cmd_dist(a),
         Cmd::Verify(a) => cmd_verify(a),
+        Cmd::Promote(a) => cmd_promote(a),
     };
     match result {
         Ok(code) => code,
@@ -521,15 +569,73 @@ fn cmd_dist(a: DistArgs) -> Result<ExitCode> {
     package_resolved(&a.release, &a.opts, &res)
 }
 
-fn cmd_verify(a: VerifyArgs) -> Result<ExitCode> {
-    let key = match (&a.public_key, &a.public_key_string) {
+fn trusted_key(path: &Option<PathBuf>, line: &Option<String>) -> Result<PublicKey> {
+    Ok(match (path, line) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             PublicKey::from_file_text(&text).with_context(|| format!("reading the public key {}", p.display()))?
         }
         (None, Some(s)) => PublicKey::from_base64(s).context("reading --public-key-string")?,
         (None, None) => bail!("a trusted public key is required (--public-key FILE or --public-key-string)"),
+    })
+}
+
+fn cmd_promote(a: PromoteArgs) -> Result<ExitCode> {
+    let trusted = trusted_key(&a.trusted.public_key, &a.trusted.public_key_string)?;
+    let to = nkudo_core::version::parse(&a.to).with_context(|| format!("--to {:?}", a.to))?;
+    let latest = match (&a.latest_release, &a.releases_dir) {
+        (Some(v), _) => Some(nkudo_core::version::parse(v).with_context(|| format!("--latest-release {v:?}"))?),
+        (None, Some(dir)) => releaser::promote::latest_release_in(dir)?,
+        (None, None) => {
+            eprintln!(
+                "releaser: warning: neither --latest-release nor --releases-dir: treating {} as the first release",
+                nkudo_core::version::display(&to)
+            );
+            None
+        }
     };
+    let changelog = std::fs::read_to_string(&a.changelog)
+        .with_context(|| format!("reading {} (pass --changelog FILE)", a.changelog.display()))?;
+    let key = load_key(&a.key)?;
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("dist-v{to}")));
+    let report = releaser::promote::promote(&releaser::promote::PromoteRequest {
+        from: a.from.clone(),
+        out,
+        to,
+        rollback: a.rollback,
+        trusted: &trusted,
+        key: &key,
+        changelog,
+        latest,
+        now: chrono::Utc::now(),
+        expiry_days: a.expires_in_days,
+    })?;
+    match a.output.output {
+        Output::Json => print_json(&report)?,
+        Output::Text => {
+            for f in &report.files {
+                println!("  {:>10}  {}  {}", f.size, f.sha256, f.name);
+            }
+            match &report.rollback_of {
+                Some(bad) => println!(
+                    "ROLLBACK: {} republishes the artifacts of {} and supersedes {bad}",
+                    report.version, report.promoted_from
+                ),
+                None => println!("promoted {} to {}", report.promoted_from, report.version),
+            }
+            println!(
+                "wrote {} (signed by key {}, expires {}); it verifies with `releaser verify`",
+                report.out_dir.display(),
+                report.key_id,
+                report.expires
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_verify(a: VerifyArgs) -> Result<ExitCode> {
+    let key = trusted_key(&a.public_key, &a.public_key_string)?;
     let now = match &a.at {
         Some(t) => chrono::DateTime::parse_from_rfc3339(t)
             .with_context(|| format!("--at {t:?} is not RFC 3339"))?
