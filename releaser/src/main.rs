@@ -26,6 +26,7 @@ Exit codes:
   0  success
   1  error (bad input, I/O, build failure, wrong passphrase)
   2  usage error (bad arguments)
+  1  also: `lint-deploy` found a floating reference
   3  verification failed (`verify`: a tampered file, another key, an expired manifest, a missing file)
 
 Signing keys: --key FILE, or $NKUDO_SIGNING_KEY_FILE, or the key file's content in $NKUDO_SIGNING_KEY (CI).
@@ -72,6 +73,9 @@ enum Cmd {
     /// Promote a verified pre-release directory to a release (or, with --rollback, republish an older known-good
     /// release under a new patch version): byte-identical artifacts, a new signed manifest, no rebuild.
     Promote(PromoteArgs),
+    /// Find floating image/version references (`:latest`, pre-latest, `-pre.`, bare commit shas, unpinned images)
+    /// in compose files, Kubernetes manifests, systemd units and env files. Exit 1 when any is found.
+    LintDeploy(LintDeployArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -255,6 +259,15 @@ struct PromoteArgs {
     output: OutputArg,
 }
 
+#[derive(Debug, Args)]
+struct LintDeployArgs {
+    /// Files and directories (walked) to check.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -267,6 +280,7 @@ fn main() -> ExitCode {
         Cmd::Dist(a) => cmd_dist(a),
         Cmd::Verify(a) => cmd_verify(a),
         Cmd::Promote(a) => cmd_promote(a),
+        Cmd::LintDeploy(a) => cmd_lint_deploy(a),
     };
     match result {
         Ok(code) => code,
@@ -632,6 +646,35 @@ fn cmd_promote(a: PromoteArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_lint_deploy(a: LintDeployArgs) -> Result<ExitCode> {
+    let report = releaser::lint::lint_paths(&a.paths)?;
+    match a.output.output {
+        Output::Json => print_json(&report)?,
+        Output::Text => {
+            for f in &report.findings {
+                println!("{f}");
+            }
+            if report.ok {
+                println!(
+                    "lint-deploy: {} file(s) checked, every image and version reference is pinned",
+                    report.files_checked.len()
+                );
+            } else {
+                println!(
+                    "lint-deploy: {} floating reference(s) in {} file(s) checked",
+                    report.findings.len(),
+                    report.files_checked.len()
+                );
+            }
+        }
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cmd_verify(a: VerifyArgs) -> Result<ExitCode> {

@@ -2,7 +2,8 @@
 //!
 //! * `cargo xtask test [-- <cargo test args>]` (alias `ci`): THE test command. In order: Postgres answers at
 //!   127.0.0.1:5432 (installed and started when missing), `openssl` is present, `cargo fmt --check`,
-//!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, the release build the dist tests check
+//!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, `releaser lint-deploy deployments/`, the
+//!   release build the dist tests check
 //!   (cross toolchain and test tools, a signing key made for the run, `cargo xtask dist`'s work twice into
 //!   `target/dist-test/{first,second}`), the edge tests' tools (genisoimage, iproute2, iputils-ping, qemu-utils;
 //!   installed with apt-get when missing, required with CI=true), `cargo test --workspace --no-fail-fast`.
@@ -293,6 +294,14 @@ fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
     // `cargo test` below compiles nothing again; with `--bins` alone ~20 crates would build a second time.
     ctx.step("cargo build --workspace --bins --tests", |ctx| {
         run(&mut ctx.cargo(&["build", "--workspace", "--bins", "--tests"]))
+    })?;
+    // Deployment files must pin every image and version (no :latest, pre-latest, -pre., bare shas).
+    ctx.step("releaser lint-deploy deployments/", |ctx| {
+        let releaser = ctx.target_dir().join("debug").join("releaser");
+        run(Command::new(releaser)
+            .args(["lint-deploy", "deployments/"])
+            .current_dir(&ctx.root)
+            .stdin(Stdio::null()))
     })?;
     // The release directory the dist tests (releaser/tests/dist.rs) check with the real tools. Built here,
     // before `cargo test`, because a test cannot run cargo (the target directory lock).
