@@ -8,6 +8,7 @@
 //! * [`manifest`]: `manifest.json` and canonical JSON (re-exported from `nkudo_core::manifest`);
 //! * [`minisign`]: minisign secret keys (scrypt) and signing; verification re-exported from `nkudo_core::minisign`;
 //! * [`dist`]: from built binaries to a signed release directory;
+//! * [`install`]: verify a release, then install it into the host layout (`nkudo_core::layout`);
 //! * [`lint`]: `lint-deploy`, floating image and version references in deployment files;
 //! * [`promote`]: a verified pre-release directory to a signed release directory, byte-identical artifacts;
 //! * [`verify`]: checks a release directory: every signature, hash, size and the expiry.
@@ -17,6 +18,7 @@
 pub mod checksums;
 pub mod cross;
 pub mod dist;
+pub mod install;
 pub mod lint;
 pub mod manifest;
 pub mod minisign;

@@ -5,6 +5,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nkudo_core::build_info;
 use nkudo_core::fsutil;
+use nkudo_core::layout::{Activation, InstallOutcome, Layout};
+use nkudo_core::version::display;
 use releaser::minisign::{KeyProtection, PublicKey, SecretKey, DEFAULT_MEMLIMIT, DEFAULT_OPSLIMIT};
 use releaser::{cross, dist, verify, version};
 use std::path::{Path, PathBuf};
@@ -76,6 +78,16 @@ enum Cmd {
     /// Find floating image/version references (`:latest`, pre-latest, `-pre.`, bare commit shas, unpinned images)
     /// in compose files, Kubernetes manifests, systemd units and env files. Exit 1 when any is found.
     LintDeploy(LintDeployArgs),
+    /// Verify a release (directory or tarball) FIRST, then unpack it into <root>/releases/<version> (crash-safe).
+    Install(InstallArgs),
+    /// Point <root>/current at an installed version (previous keeps the old one).
+    Activate(ActivateArgs),
+    /// Point <root>/current back at previous.
+    Rollback(RollbackArgs),
+    /// The installed versions, and which are current and previous.
+    List(ListArgs),
+    /// Remove old releases, keeping the newest --keep (never current or previous).
+    Prune(PruneArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -268,6 +280,87 @@ struct LintDeployArgs {
     output: OutputArg,
 }
 
+#[derive(Debug, Args)]
+struct RootArg {
+    /// The layout root (releases/, current, previous).
+    #[arg(long, default_value = nkudo_core::layout::DEFAULT_ROOT)]
+    root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RestartArg {
+    /// After switching, `systemctl restart --unit` (when systemd runs this machine; else says to restart it).
+    #[arg(long)]
+    restart: bool,
+    /// The unit --restart restarts.
+    #[arg(long, default_value = "nkudo-edge.service")]
+    unit: String,
+}
+
+#[derive(Debug, Args)]
+struct InstallArgs {
+    /// A release directory, or a .tar.gz (with its .minisig; verified with manifest.json when beside it).
+    source: PathBuf,
+    #[command(flatten)]
+    root: RootArg,
+    #[command(flatten)]
+    trusted: TrustedKeyArgs,
+    /// Which component's tarball to take from a release directory.
+    #[arg(long, default_value = "nkudo-edge")]
+    component: String,
+    /// Which architecture's tarball (default: this machine's).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Activate the version after installing it.
+    #[arg(long)]
+    activate: bool,
+    #[command(flatten)]
+    restart: RestartArg,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct ActivateArgs {
+    /// The installed version (with or without a leading v).
+    version: String,
+    #[command(flatten)]
+    root: RootArg,
+    #[command(flatten)]
+    restart: RestartArg,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    #[command(flatten)]
+    root: RootArg,
+    #[command(flatten)]
+    restart: RestartArg,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    root: RootArg,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    root: RootArg,
+    /// How many releases to keep (current and previous are always kept).
+    #[arg(long, default_value_t = nkudo_core::layout::DEFAULT_KEEP)]
+    keep: usize,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -281,6 +374,11 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => cmd_verify(a),
         Cmd::Promote(a) => cmd_promote(a),
         Cmd::LintDeploy(a) => cmd_lint_deploy(a),
+        Cmd::Install(a) => cmd_install(a),
+        Cmd::Activate(a) => cmd_activate(a),
+        Cmd::Rollback(a) => cmd_rollback(a),
+        Cmd::List(a) => cmd_list(a),
+        Cmd::Prune(a) => cmd_prune(a),
     };
     match result {
         Ok(code) => code,
@@ -643,6 +741,188 @@ fn cmd_promote(a: PromoteArgs) -> Result<ExitCode> {
                 report.key_id,
                 report.expires
             );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_layout(root: &RootArg) -> Result<Layout> {
+    Ok(Layout::open(&root.root)?)
+}
+
+fn restart(r: &RestartArg, root: &Path) -> Result<()> {
+    if !r.restart {
+        return Ok(());
+    }
+    if !releaser::install::systemd_running() {
+        println!("systemd does not run this machine: restart {} yourself", r.unit);
+        return Ok(());
+    }
+    let status = std::process::Command::new("systemctl")
+        .args(["restart", &r.unit])
+        .status()
+        .context("running systemctl")?;
+    if !status.success() {
+        bail!(
+            "`systemctl restart {}` failed ({status}): see `journalctl -u {}`; go back with `releaser rollback --root {} \
+             --restart`",
+            r.unit,
+            r.unit,
+            root.display()
+        );
+    }
+    println!("restarted {}", r.unit);
+    Ok(())
+}
+
+fn print_activation(a: &Activation, what: &str, output: Output) -> Result<()> {
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "current": a.current.to_string(),
+            "previous": a.previous.as_ref().map(|v| v.to_string()),
+            "changed": a.changed,
+        })),
+        Output::Text => {
+            if a.changed {
+                println!("{what}: current is {}", display(&a.current));
+            } else {
+                println!("{} was already current: nothing changed", display(&a.current));
+            }
+            if let Some(p) = &a.previous {
+                println!("previous is {} (`releaser rollback` goes there)", display(p));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cmd_install(a: InstallArgs) -> Result<ExitCode> {
+    let key = trusted_key(&a.trusted.public_key, &a.trusted.public_key_string)?;
+    let arch = a
+        .arch
+        .clone()
+        .unwrap_or_else(|| releaser::install::host_arch().to_string());
+    let verified = releaser::install::verify_source(&a.source, &key, &a.component, &arch, chrono::Utc::now())?;
+    let layout = open_layout(&a.root)?;
+    let outcome = releaser::install::install(&layout, &verified)?;
+    let dir = layout.release_dir(&verified.version);
+    let activation = if a.activate {
+        Some(layout.activate(&verified.version)?)
+    } else {
+        None
+    };
+    match a.output.output {
+        Output::Json => print_json(&serde_json::json!({
+            "version": verified.version.to_string(),
+            "artifact": verified.name,
+            "path": dir,
+            "installed": outcome == InstallOutcome::Installed,
+            "current": activation.as_ref().map(|x| x.current.to_string()),
+        }))?,
+        Output::Text => {
+            match outcome {
+                InstallOutcome::Installed => println!(
+                    "verified and installed {} ({}) into {}",
+                    display(&verified.version),
+                    verified.name,
+                    dir.display()
+                ),
+                InstallOutcome::AlreadyInstalled => {
+                    println!(
+                        "{} is already installed intact in {}",
+                        display(&verified.version),
+                        dir.display()
+                    )
+                }
+            }
+            match &activation {
+                Some(x) => print_activation(x, "activated", Output::Text)?,
+                None => println!(
+                    "activate it with `releaser activate {} --root {}`",
+                    display(&verified.version),
+                    a.root.root.display()
+                ),
+            }
+        }
+    }
+    if activation.as_ref().is_some_and(|x| x.changed) {
+        restart(&a.restart, &a.root.root)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_activate(a: ActivateArgs) -> Result<ExitCode> {
+    let v = nkudo_core::version::parse(&a.version).with_context(|| format!("version {:?}", a.version))?;
+    let layout = open_layout(&a.root)?;
+    let x = layout.activate(&v)?;
+    print_activation(&x, "activated", a.output.output)?;
+    if x.changed {
+        restart(&a.restart, &a.root.root)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_rollback(a: RollbackArgs) -> Result<ExitCode> {
+    let layout = open_layout(&a.root)?;
+    let v = layout.rollback()?;
+    match a.output.output {
+        Output::Json => print_json(&serde_json::json!({ "current": v.to_string() }))?,
+        Output::Text => println!("rolled back: current is {}", display(&v)),
+    }
+    restart(&a.restart, &a.root.root)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_list(a: ListArgs) -> Result<ExitCode> {
+    let layout = open_layout(&a.root)?;
+    let entries = layout.list()?;
+    match a.output.output {
+        Output::Json => print_json(
+            &entries
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "version": e.version.to_string(),
+                        "path": e.path,
+                        "current": e.current,
+                        "previous": e.previous,
+                        "complete": e.complete,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )?,
+        Output::Text => {
+            if entries.is_empty() {
+                println!("no releases under {}", a.root.root.display());
+            }
+            for e in &entries {
+                let mark = match (e.current, e.previous, e.complete) {
+                    (_, _, false) => "  incomplete (never activated; install it again)",
+                    (true, _, _) => "  current",
+                    (_, true, _) => "  previous",
+                    _ => "",
+                };
+                println!("{}{mark}", display(&e.version));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_prune(a: PruneArgs) -> Result<ExitCode> {
+    let layout = open_layout(&a.root)?;
+    let removed = layout.prune(a.keep)?;
+    match a.output.output {
+        Output::Json => print_json(&serde_json::json!({
+            "removed": removed.iter().map(|v| v.to_string()).collect::<Vec<_>>()
+        }))?,
+        Output::Text => {
+            if removed.is_empty() {
+                println!("nothing to prune (keeping {})", a.keep);
+            }
+            for v in &removed {
+                println!("removed {}", display(v));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
