@@ -7,6 +7,7 @@
 //! * [`checksums`]: SHA-256 and `SHA256SUMS`;
 //! * [`manifest`]: `manifest.json` and canonical JSON (re-exported from `nkudo_core::manifest`);
 //! * [`minisign`]: minisign secret keys (scrypt) and signing; verification re-exported from `nkudo_core::minisign`;
+//! * [`compat`]: `check-compat`: which enrolled agents a control plane version would no longer support;
 //! * [`dist`]: from built binaries to a signed release directory;
 //! * [`install`]: verify a release, then install it into the host layout (`nkudo_core::layout`);
 //! * [`lint`]: `lint-deploy`, floating image and version references in deployment files;
@@ -16,6 +17,7 @@
 //! Files are written atomically with `nkudo_core::fsutil::write_atomic` (temp, fsync, rename).
 
 pub mod checksums;
+pub mod compat;
 pub mod cross;
 pub mod dist;
 pub mod install;

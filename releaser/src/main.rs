@@ -88,6 +88,9 @@ enum Cmd {
     List(ListArgs),
     /// Remove old releases, keeping the newest --keep (never current or previous).
     Prune(PruneArgs),
+    /// Before upgrading a control plane: which enrolled agents would it no longer support (N/N-1 rule)? Reads
+    /// `GET /tenants/{id}/agents`; exit 1 when any active agent would be unsupported.
+    CheckCompat(CheckCompatArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -361,6 +364,30 @@ struct PruneArgs {
     output: OutputArg,
 }
 
+#[derive(Debug, Args)]
+struct CheckCompatArgs {
+    /// The control plane version about to be deployed.
+    #[arg(long, value_name = "VERSION")]
+    control_plane: String,
+    /// The running control plane (https://host:8443).
+    #[arg(long)]
+    url: String,
+    /// The tenant whose agents are checked.
+    #[arg(long, value_name = "ID")]
+    tenant: String,
+    /// A tenant API key (`X-API-Key`; the agents route does not take the admin key).
+    #[arg(long, env = "NKUDO_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// PEM CA bundle to trust for --url (the control plane's CA); else the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// An operator floor above the N/N-1 rule (the control plane's minimum agent version setting).
+    #[arg(long, value_name = "VERSION")]
+    minimum_agent_version: Option<String>,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -379,6 +406,7 @@ fn main() -> ExitCode {
         Cmd::Rollback(a) => cmd_rollback(a),
         Cmd::List(a) => cmd_list(a),
         Cmd::Prune(a) => cmd_prune(a),
+        Cmd::CheckCompat(a) => cmd_check_compat(a),
     };
     match result {
         Ok(code) => code,
@@ -926,6 +954,54 @@ fn cmd_prune(a: PruneArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_check_compat(a: CheckCompatArgs) -> Result<ExitCode> {
+    let cp = nkudo_core::version::parse(&a.control_plane)
+        .with_context(|| format!("--control-plane {:?}", a.control_plane))?;
+    let floor = a
+        .minimum_agent_version
+        .as_deref()
+        .map(|v| nkudo_core::version::parse(v).with_context(|| format!("--minimum-agent-version {v:?}")))
+        .transpose()?;
+    let agents = releaser::compat::fetch_agents(&a.url, &a.tenant, &a.api_key, a.ca_cert.as_deref())?;
+    let report = releaser::compat::evaluate(&cp, floor, &agents);
+    match a.output.output {
+        Output::Json => print_json(&report)?,
+        Output::Text => {
+            for x in &report.agents {
+                println!(
+                    "{:<12} {:<30} {:<24} {}",
+                    if x.supported { "ok" } else { "UNSUPPORTED" },
+                    x.hostname,
+                    x.agent_version,
+                    x.id
+                );
+            }
+            if report.ok {
+                println!(
+                    "control plane {} supports all {} active agent(s) (minimum agent version {})",
+                    display(&cp),
+                    report.agents.len(),
+                    report.minimum_supported_agent_version
+                );
+            } else {
+                println!(
+                    "control plane {} would not support {} of {} active agent(s) (minimum agent version {}): upgrade \
+                     those agents first, or deploy a control plane one minor version closer",
+                    display(&cp),
+                    report.unsupported,
+                    report.agents.len(),
+                    report.minimum_supported_agent_version
+                );
+            }
+        }
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cmd_lint_deploy(a: LintDeployArgs) -> Result<ExitCode> {
