@@ -113,7 +113,13 @@ pub struct EnrollArgs {
     #[command(flatten)]
     pub dirs: DirArgs,
     /// One-time enrollment token (precedence: --token > NKUDO_ENROLL_TOKEN > --token-file).
-    #[arg(long, env = "NKUDO_ENROLL_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "NKUDO_ENROLL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        allow_hyphen_values = true
+    )]
     pub token: Option<String>,
     /// File holding the enrollment token (trimmed).
     #[arg(long, value_name = "FILE")]
@@ -149,7 +155,13 @@ pub struct ProviderArgs {
 pub struct NetbirdArgs {
     /// NetBird setup key for joining the mesh (prefer NETBIRD_SETUP_KEY or --netbird-setup-key-file: a flag is
     /// visible in `ps`). Never stored or logged.
-    #[arg(long, env = "NKUDO_NETBIRD_SETUP_KEY", hide_env_values = true, value_name = "KEY")]
+    #[arg(
+        long,
+        env = "NKUDO_NETBIRD_SETUP_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        allow_hyphen_values = true
+    )]
     pub netbird_setup_key: Option<String>,
     /// File holding the NetBird setup key.
     #[arg(long, env = "NKUDO_NETBIRD_SETUP_KEY_FILE", value_name = "FILE")]
@@ -694,6 +706,26 @@ mod tests {
         assert!(f.control_plane.is_some());
         assert_eq!(f.heartbeat_interval, Some(Duration::from_secs(15)));
         assert!(f.netbird.setup_key_file.is_some());
+    }
+
+    #[test]
+    fn secrets_may_start_with_a_hyphen() {
+        // base64url tokens and keys can start with '-': `--token -abc` is a value, not a flag.
+        let cli = Cli::try_parse_from([
+            "nkudo-edge",
+            "enroll",
+            "--token",
+            "-Xy_z",
+            "--control-plane",
+            "https://cp",
+        ])
+        .unwrap();
+        let Command::Enroll(a) = cli.command else { panic!() };
+        assert_eq!(a.token.as_deref(), Some("-Xy_z"));
+        let cli = Cli::try_parse_from(["nkudo-edge", "run", "--netbird-setup-key", "-k", "--once"]).unwrap();
+        let Command::Run(a) = cli.command else { panic!() };
+        assert_eq!(a.netbird.netbird_setup_key.as_deref(), Some("-k"));
+        assert!(a.once);
     }
 
     #[test]
