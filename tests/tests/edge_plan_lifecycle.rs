@@ -142,3 +142,37 @@ async fn failing_boot_gives_a_failed_execution_with_its_error() -> anyhow::Resul
     assert!(status.success(), "{status}");
     Ok(())
 }
+
+/// A VMM that dies after a good boot (`MOCK_CH_CRASH_AFTER_BOOT_MS`): the provider sees it, the next heartbeats
+/// report the VM as `ERROR`, and the control plane shows it; the agent restarted later still reports it so (the
+/// provider rediscovers VMs from their runtime directories).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vmm_shows_as_error_through_heartbeats() -> anyhow::Result<()> {
+    let cp = start_or_skip!(edge_control_plane(Backend::Sqlite).start());
+    let fx = bootstrap(&cp).await?;
+    let mut host = EdgeHost::new("edge-crash")?;
+    host.enroll(&cp, &fx).await?;
+    host.set_env("MOCK_CH_CRASH_AFTER_BOOT_MS", "1500");
+    host.spawn(&cp)?;
+    let vm = unique("vm");
+    let mut start = vm_action("START", &vm);
+    start.operation_id = Some("start".into());
+    let p = apply_plan(
+        &cp,
+        &fx,
+        &plan_request(&unique("crash"), vec![host.create_spec(&vm), start]),
+    )
+    .await?;
+    let done = wait_plan_done(&cp, &fx, &p.plan_id, PLAN_TIMEOUT).await?;
+    assert_eq!(done.plan_status, "SUCCEEDED", "{done:#?}\n{}", host.log_tail(3000));
+    vm_state_is(&cp, &fx, &vm, "ERROR").await?;
+    // Restart the agent: the VM is rediscovered and still reported as ERROR.
+    let st = host.stop().await?;
+    assert!(st.success());
+    host.spawn(&cp)?;
+    wait_heartbeats(&cp, &fx, 2).await?;
+    assert_eq!(site_vm(&cp, &fx, &vm).await?.state, "ERROR");
+    let st = host.stop().await?;
+    assert!(st.success());
+    Ok(())
+}
