@@ -64,7 +64,10 @@ mod tests {
     fn secrets_and_ids() {
         let s = random_secret();
         assert_eq!(s.len(), 43);
-        assert!((0..2000).all(|_| !random_secret().starts_with('-')), "a secret never looks like a flag");
+        assert!(
+            (0..2000).all(|_| !random_secret().starts_with('-')),
+            "a secret never looks like a flag"
+        );
         assert_ne!(s, random_secret());
         assert!(is_uuid(&new_id()));
         assert!(!is_uuid("not-a-uuid"));
