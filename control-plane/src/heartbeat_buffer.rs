@@ -181,6 +181,8 @@ async fn write_batch(db: &Db, batch: &HashMap<String, PendingHeartbeat>) -> Resu
         .bind(&hb.host_id)
         .execute(&mut *tx)
         .await?;
+        // A snapshot never undoes what happened after it was taken: a VM deleted (or moved by an execution result)
+        // since this heartbeat arrived keeps its newer state.
         for vm in hb.microvms.iter().flatten() {
             sqlx::query(
                 "INSERT INTO microvms (tenant_id, id, site_id, host_id, name, state, vcpu_count, memory_mib, \
@@ -191,7 +193,8 @@ async fn write_batch(db: &Db, batch: &HashMap<String, PendingHeartbeat>) -> Resu
                  last_transition_at = CASE WHEN microvms.state <> excluded.state THEN excluded.last_reported_at \
                  ELSE microvms.last_transition_at END, \
                  last_reported_at = excluded.last_reported_at, updated_at = excluded.updated_at \
-                 WHERE microvms.site_id = excluded.site_id",
+                 WHERE microvms.site_id = excluded.site_id AND microvms.state <> 'DELETED' \
+                 AND (microvms.last_transition_at IS NULL OR microvms.last_transition_at <= excluded.last_reported_at)",
             )
             .bind(&hb.tenant_id)
             .bind(&vm.id)

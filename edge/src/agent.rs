@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const AGENT_VERSION: &str = nkudo_core::build_info::VERSION;
 /// Log lines per `POST /agents/logs`.
 pub const LOG_BATCH_LINES: usize = 100;
 /// A log line waits at most this long for its batch.

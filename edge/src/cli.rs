@@ -50,7 +50,7 @@ agent (re-enroll); 5 the control plane could not be reached.";
 /// with host facts, microVM states and NetBird status, and executes leased microVM plans through Cloud
 /// Hypervisor, reporting results and streaming logs.
 #[derive(Debug, Parser)]
-#[command(name = "nkudo-edge", version, about, long_about, arg_required_else_help = true, after_long_help = ENV_HELP)]
+#[command(name = "nkudo-edge", version = nkudo_core::build_info::clap_version(), about, long_about, arg_required_else_help = true, after_long_help = ENV_HELP)]
 pub struct Cli {
     /// Config file (TOML). A missing default file is fine; a missing file named here is an error.
     #[arg(long, global = true, env = "NKUDO_CONFIG", value_name = "FILE")]

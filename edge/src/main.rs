@@ -5,9 +5,9 @@ use nkudo_edge::cli::{self, Cli, Command};
 use nkudo_edge::{agent, apply, enroll, hostfacts, ExitError, EXIT_FAILURE};
 use std::process::ExitCode;
 
-/// Prints the version line (`nkudo-edge <version>`).
+/// Prints version, git commit, target triple and build date.
 fn print_version() {
-    println!("nkudo-edge {}", env!("CARGO_PKG_VERSION"));
+    println!("{}", nkudo_core::build_info::version_text("nkudo-edge"));
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitError> {

@@ -1389,6 +1389,48 @@ async fn create_conflicts_and_trimmed_keys(backend: Backend) -> anyhow::Result<(
 }
 both_backends!(create_conflicts_and_trimmed_keys => create_conflicts_and_trimmed_keys_sqlite, create_conflicts_and_trimmed_keys_postgres);
 
+/// Regression: a heartbeat snapshot taken before a DELETE but written after it (heartbeats are coalesced and
+/// flushed later) must not bring the deleted VM back.
+async fn late_snapshot_does_not_undelete(backend: Backend) -> anyhow::Result<()> {
+    let cp = start_or_skip!(ControlPlane::builder(backend)
+        .env("HEARTBEAT_FLUSH_INTERVAL", "2s")
+        .start());
+    let fx = bootstrap(&cp).await?;
+    let agent = enroll_agent(&cp, &fx, "edge-undelete").await?;
+    let c = agent.client(&cp);
+    let vm = unique("vm");
+    let plan = apply_plan(&cp, &fx, &plan_request(&unique("key"), vec![create_action(&vm)])).await?;
+    assert_eq!(next_plans(&cp, &c).await?.len(), 1);
+    let create = &plan.executions[0];
+    report(
+        &cp,
+        &c,
+        &result_body(&[(&create.id, &create.operation_id, true, None, None)]),
+    )
+    .await?;
+    let del = apply_plan(&cp, &fx, &plan_request(&unique("key"), vec![vm_action("DELETE", &vm)])).await?;
+    assert_eq!(next_plans(&cp, &c).await?.len(), 1);
+    // The snapshot (VM still STOPPED) is buffered, then the DELETE result lands before the flush.
+    heartbeat(
+        &cp,
+        &c,
+        &json!({"microvms": [{"id": vm, "state": "STOPPED", "vcpu_count": 1, "memory_mib": 512}]}),
+    )
+    .await?;
+    let d = &del.executions[0];
+    report(&cp, &c, &result_body(&[(&d.id, &d.operation_id, true, None, None)])).await?;
+    assert_eq!(site_vm(&cp, &fx, &vm).await?.state, "DELETED");
+    // Wait past the flush interval: the stale snapshot is written, and must not undo the delete.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert_eq!(
+        site_vm(&cp, &fx, &vm).await?.state,
+        "DELETED",
+        "a late snapshot undeleted the VM"
+    );
+    Ok(())
+}
+both_backends!(late_snapshot_does_not_undelete => late_snapshot_does_not_undelete_sqlite, late_snapshot_does_not_undelete_postgres);
+
 // ---------------------------------------------------------------------------------------------------------
 // 7. Audit
 
