@@ -1,4 +1,6 @@
-//! The static cross build: `cargo zigbuild --profile dist --target <triple>... -p <crates> --bins`.
+//! The static cross build: `cargo zigbuild --profile <profile> --target <triple>... -p <crates> --bins`, one
+//! invocation per profile: the edge agent builds alone under `dist-edge` (optimised for size: it ships to every
+//! host), so that the control plane's dependency features (tokio "full", the HTTP server) stay out of it.
 //!
 //! Zig (`ziglang` from PyPI, driven by `cargo-zigbuild`) is the C cross compiler and linker for both musl
 //! targets: it ships musl headers and libc for every architecture, so the C in our dependencies (ring,
@@ -20,6 +22,18 @@ pub const BINARIES: [(&str, &str); 3] = [
 
 /// The cargo profile of release builds (`[profile.dist]`: release with symbols stripped).
 pub const PROFILE: &str = "dist";
+
+/// The cargo profile of the edge agent (`[profile.dist-edge]`: `dist` optimised for size).
+pub const EDGE_PROFILE: &str = "dist-edge";
+
+/// The profile a released binary is built with.
+pub fn profile_of(binary: &str) -> &'static str {
+    if binary == "nkudo-edge" {
+        EDGE_PROFILE
+    } else {
+        PROFILE
+    }
+}
 
 /// `amd64` / `arm64` for a target triple.
 pub fn arch_of(triple: &str) -> Option<&'static str> {
@@ -56,30 +70,42 @@ pub enum BuildError {
 }
 
 impl BuildRequest {
-    /// The cargo command, with the build-info environment set.
-    pub fn command(&self) -> Result<Command, BuildError> {
+    /// The cargo commands (one per profile), with the build-info environment set.
+    pub fn commands(&self) -> Result<Vec<Command>, BuildError> {
         for t in &self.targets {
             if arch_of(t).is_none() || !t.ends_with("-linux-musl") {
                 return Err(BuildError::UnsupportedTarget(t.clone()));
             }
         }
-        let mut cmd = Command::new(&self.cargo);
-        cmd.current_dir(&self.workspace)
-            .args(["zigbuild", "--locked", "--profile", PROFILE])
-            .stdin(Stdio::null());
-        for t in &self.targets {
-            cmd.args(["--target", t]);
+        let mut commands = Vec::new();
+        for profile in [PROFILE, EDGE_PROFILE] {
+            let packages: Vec<&str> = BINARIES
+                .iter()
+                .filter(|(bin, _)| profile_of(bin) == profile)
+                .map(|(_, package)| *package)
+                .collect();
+            if packages.is_empty() {
+                continue;
+            }
+            let mut cmd = Command::new(&self.cargo);
+            cmd.current_dir(&self.workspace)
+                .args(["zigbuild", "--locked", "--profile", profile])
+                .stdin(Stdio::null());
+            for t in &self.targets {
+                cmd.args(["--target", t]);
+            }
+            for package in packages {
+                cmd.args(["-p", package]);
+            }
+            cmd.arg("--bins")
+                .env("CARGO_ENCODED_RUSTFLAGS", self.rustflags())
+                .env("NKUDO_VERSION", &self.version)
+                .env("NKUDO_GIT_COMMIT", &self.git_commit)
+                .env("NKUDO_BUILD_DATE", &self.build_date)
+                .env("SOURCE_DATE_EPOCH", self.source_date_epoch.to_string());
+            commands.push(cmd);
         }
-        for (_, package) in BINARIES {
-            cmd.args(["-p", package]);
-        }
-        cmd.arg("--bins")
-            .env("CARGO_ENCODED_RUSTFLAGS", self.rustflags())
-            .env("NKUDO_VERSION", &self.version)
-            .env("NKUDO_GIT_COMMIT", &self.git_commit)
-            .env("NKUDO_BUILD_DATE", &self.build_date)
-            .env("SOURCE_DATE_EPOCH", self.source_date_epoch.to_string());
-        Ok(cmd)
+        Ok(commands)
     }
 
     /// The rustflags of the build: the caller's (`CARGO_ENCODED_RUSTFLAGS` or `RUSTFLAGS`) plus path remapping,
@@ -103,23 +129,24 @@ impl BuildRequest {
         flags.join("\x1f")
     }
 
-    /// Runs the build with inherited output.
+    /// Runs the builds with inherited output.
     pub fn run(&self) -> Result<(), BuildError> {
-        let mut cmd = self.command()?;
-        let shown = format!(
-            "{} {}",
-            cmd.get_program().to_string_lossy(),
-            cmd.get_args()
-                .map(|a| a.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let status = cmd.status().map_err(|e| BuildError::Spawn {
-            program: shown.clone(),
-            reason: e.to_string(),
-        })?;
-        if !status.success() {
-            return Err(BuildError::Failed(shown, status.to_string()));
+        for mut cmd in self.commands()? {
+            let shown = format!(
+                "{} {}",
+                cmd.get_program().to_string_lossy(),
+                cmd.get_args()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            let status = cmd.status().map_err(|e| BuildError::Spawn {
+                program: shown.clone(),
+                reason: e.to_string(),
+            })?;
+            if !status.success() {
+                return Err(BuildError::Failed(shown, status.to_string()));
+            }
         }
         Ok(())
     }
@@ -127,7 +154,7 @@ impl BuildRequest {
 
 /// Where cargo puts a built binary.
 pub fn binary_path(target_dir: &Path, triple: &str, name: &str) -> PathBuf {
-    target_dir.join(triple).join(PROFILE).join(name)
+    target_dir.join(triple).join(profile_of(name)).join(name)
 }
 
 #[cfg(test)]
@@ -145,9 +172,19 @@ mod tests {
             source_date_epoch: 1_704_067_200,
             cargo: "cargo".into(),
         };
-        let cmd = req.command().unwrap();
+        let cmds = req.commands().unwrap();
+        assert_eq!(cmds.len(), 2, "one build per profile");
+        let edge: Vec<String> = cmds[1].get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(&edge[..4], ["zigbuild", "--locked", "--profile", "dist-edge"]);
+        assert!(edge.windows(2).any(|w| w == ["-p", "nkudo-edge"]));
+        assert!(
+            !edge.iter().any(|a| a == "nkudo-control-plane"),
+            "the edge builds alone"
+        );
+        let cmd = &cmds[0];
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(&args[..4], ["zigbuild", "--locked", "--profile", "dist"]);
+        assert!(!args.iter().any(|a| a == "nkudo-edge"));
         assert!(args.windows(2).any(|w| w == ["--target", "aarch64-unknown-linux-musl"]));
         let envs: Vec<_> = cmd.get_envs().collect();
         assert!(envs
@@ -158,7 +195,11 @@ mod tests {
             targets: vec!["x86_64-pc-windows-msvc".into()],
             ..req
         };
-        assert!(bad.command().is_err());
+        assert!(bad.commands().is_err());
+        assert_eq!(
+            binary_path(Path::new("t"), "x86_64-unknown-linux-musl", "nkudo-edge"),
+            Path::new("t/x86_64-unknown-linux-musl/dist-edge/nkudo-edge")
+        );
         assert_eq!(arch_of("aarch64-unknown-linux-musl"), Some("arm64"));
     }
 }

@@ -40,7 +40,7 @@ const SOURCE_URL: &str = "https://github.com/n-kudo/n-kudo";
 pub struct PackageRequest<'a> {
     /// Workspace root: `LICENSE` and `deployments/` are read from it.
     pub workspace: PathBuf,
-    /// Cargo target directory holding `<triple>/dist/<binary>`.
+    /// Cargo target directory holding `<triple>/<profile>/<binary>` (`cross::profile_of`).
     pub target_dir: PathBuf,
     pub targets: Vec<String>,
     pub out_dir: PathBuf,
