@@ -49,6 +49,22 @@ pub enum ErrorCode {
     AgentVersionUnsupported,
     Internal,
     Unavailable,
+    /// A pre-release was aimed at an agent whose environment is production.
+    PrereleaseInProduction,
+    /// A release manifest's signature does not verify with any configured release public key.
+    InvalidSignature,
+    /// A release manifest is past its `expires`.
+    ManifestExpired,
+    /// Uploaded artifact bytes do not match the size or SHA-256 the signed manifest states.
+    ArtifactMismatch,
+    /// A `Range` header asks for bytes outside the artifact (HTTP 416).
+    RangeNotSatisfiable,
+    /// The version is not published, or has no artifact an agent could fetch.
+    ReleaseNotAvailable,
+    /// The version was marked bad (rolled back by a rollout); an operator must clear the mark first.
+    VersionMarkedBad,
+    /// The control plane has no release public keys configured (`RELEASE_PUBLIC_KEYS`).
+    ReleaseKeysNotConfigured,
 }
 
 impl ErrorCode {
@@ -79,6 +95,14 @@ impl ErrorCode {
         ErrorCode::AgentVersionUnsupported,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
+        ErrorCode::PrereleaseInProduction,
+        ErrorCode::InvalidSignature,
+        ErrorCode::ManifestExpired,
+        ErrorCode::ArtifactMismatch,
+        ErrorCode::RangeNotSatisfiable,
+        ErrorCode::ReleaseNotAvailable,
+        ErrorCode::VersionMarkedBad,
+        ErrorCode::ReleaseKeysNotConfigured,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +133,14 @@ impl ErrorCode {
             ErrorCode::AgentVersionUnsupported => "AGENT_VERSION_UNSUPPORTED",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::PrereleaseInProduction => "PRERELEASE_IN_PRODUCTION",
+            ErrorCode::InvalidSignature => "INVALID_SIGNATURE",
+            ErrorCode::ManifestExpired => "MANIFEST_EXPIRED",
+            ErrorCode::ArtifactMismatch => "ARTIFACT_MISMATCH",
+            ErrorCode::RangeNotSatisfiable => "RANGE_NOT_SATISFIABLE",
+            ErrorCode::ReleaseNotAvailable => "RELEASE_NOT_AVAILABLE",
+            ErrorCode::VersionMarkedBad => "VERSION_MARKED_BAD",
+            ErrorCode::ReleaseKeysNotConfigured => "RELEASE_KEYS_NOT_CONFIGURED",
         }
     }
 }
@@ -211,6 +243,8 @@ pub struct Site {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_at: Option<String>,
     pub created_at: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -311,6 +345,18 @@ pub struct Agent {
     pub cert_expires_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
+    /// The version the binary was built as, when the agent reports one different from `agent_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_version: Option<String>,
+    /// Effective labels: the site's overlaid with the agent's own (`ring`, `environment`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The version the desired-version resolution names for this agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<String>,
+    /// The self-update state from the agent's last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -581,6 +627,13 @@ pub struct HeartbeatRequest {
     pub execution_updates: Vec<ExecutionUpdate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<String>,
+    /// The version this binary was built as, when it differs from `agent_version` (the version it was
+    /// installed as: a promoted release reports the release version, its build version is the pre-release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_version: Option<String>,
+    /// Self-update state (ARCHITECTURE §4.7). Absent from agents older than self-update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateStatus>,
 }
 
 /// One action of a leased plan, as the agent executes it.
@@ -615,7 +668,257 @@ pub struct HeartbeatResponse {
     /// True when the agent's certificate is past two thirds of its life: renew with `POST /v1/renew`.
     pub rotate_certificate: bool,
     pub certificate_expires_at: String,
+    /// The version this agent should run (set per agent, site, ring or fleet-wide). Absent when none is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<String>,
+    /// What to fetch to reach `desired_version`; absent when the agent already reports that version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateOffer>,
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Releases and self-update (ARCHITECTURE §3, §4.7)
+
+/// Phases of an agent's self-update, as its heartbeat reports them (kebab-case on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdatePhase {
+    /// No update under way (the agent runs the desired version, or none is set).
+    #[default]
+    Idle,
+    Downloading,
+    Verifying,
+    Installing,
+    /// The new version is current and must prove itself (a healthy heartbeat within the health window).
+    Trial,
+    /// The new version passed its trial: the update is done.
+    Committed,
+    /// The new version failed its trial and the host is back on the previous version (crash-loop guard).
+    RolledBack,
+    /// The update stopped before switching (download, signature, hash, version or install error).
+    Failed,
+}
+
+impl UpdatePhase {
+    pub const ALL: &'static [UpdatePhase] = &[
+        UpdatePhase::Idle,
+        UpdatePhase::Downloading,
+        UpdatePhase::Verifying,
+        UpdatePhase::Installing,
+        UpdatePhase::Trial,
+        UpdatePhase::Committed,
+        UpdatePhase::RolledBack,
+        UpdatePhase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdatePhase::Idle => "idle",
+            UpdatePhase::Downloading => "downloading",
+            UpdatePhase::Verifying => "verifying",
+            UpdatePhase::Installing => "installing",
+            UpdatePhase::Trial => "trial",
+            UpdatePhase::Committed => "committed",
+            UpdatePhase::RolledBack => "rolled-back",
+            UpdatePhase::Failed => "failed",
+        }
+    }
+
+    /// An attempt that reached this phase is over: its outcome is counted once.
+    pub fn is_outcome(self) -> bool {
+        matches!(
+            self,
+            UpdatePhase::Committed | UpdatePhase::RolledBack | UpdatePhase::Failed
+        )
+    }
+}
+
+/// The `update` object of a heartbeat: where the agent's self-update stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UpdateStatus {
+    /// The version running now (as installed, see `HeartbeatRequest::build_version`).
+    pub current_version: String,
+    /// The version `previous` points at in the host layout (where a rollback goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<String>,
+    /// The desired version the control plane last named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<String>,
+    pub phase: UpdatePhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The version the last attempt started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_from: Option<String>,
+    /// The version the last attempt aimed at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_to: Option<String>,
+    /// RFC 3339: when the last attempt started. With `attempt_to` it names the attempt, so that its outcome is
+    /// counted once however many heartbeats repeat it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_started_at: Option<String>,
+    /// Process starts of the current version beyond the first since it was installed (crash loops show here).
+    #[serde(default)]
+    pub restarts: u64,
+}
+
+/// Where an agent fetches the artifact of its architecture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactLocation {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    /// A path on the control plane (`/v1/releases/{version}/artifacts/{name}`, fetched over mTLS, resumable with
+    /// `Range`) or an absolute `https://` URL (an external base URL registered with the release).
+    pub url: String,
+}
+
+/// The `update` object of a heartbeat answer: everything the agent needs to move to the desired version. The
+/// agent trusts none of it before the manifest signature verifies with one of its configured release keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOffer {
+    pub version: String,
+    /// The control plane names this version as a rollback target: the agent may install it even though it is
+    /// below its current version (never otherwise).
+    #[serde(default)]
+    pub rollback: bool,
+    /// `manifest.json` exactly as signed (canonical JSON text).
+    pub manifest: String,
+    /// `manifest.json.minisig`: the minisign signature file text.
+    pub manifest_signature: String,
+    pub artifact: ArtifactLocation,
+}
+
+/// `POST /admin/releases` (admin): register a signed release. Artifacts are then uploaded with
+/// `PUT /admin/releases/{version}/artifacts/{name}`, or fetched by agents from `external_base_url` + `/` + name.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PublishReleaseRequest {
+    /// `manifest.json` text as signed.
+    pub manifest: String,
+    /// `manifest.json.minisig` text.
+    pub signature: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_base_url: Option<String>,
+}
+
+/// One artifact of a published release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseArtifactInfo {
+    pub name: String,
+    pub component: String,
+    pub kind: String,
+    pub os: String,
+    pub arch: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The bytes were uploaded (and matched the manifest) or an external base URL serves them.
+    pub available: bool,
+}
+
+/// A published release, as `GET /admin/releases[/{version}]` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub version: String,
+    pub channel: String,
+    pub git_commit: String,
+    pub build_date: String,
+    pub expires: String,
+    pub minimum_supported_agent_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+    /// The minisign key id (16 upper-case hex digits) that signed the manifest.
+    pub key_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_base_url: Option<String>,
+    pub published_at: String,
+    /// Marked bad (rolled back by a rollout): never offered to an agent until an operator clears the mark.
+    #[serde(default)]
+    pub bad: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_reason: Option<String>,
+    pub artifacts: Vec<ReleaseArtifactInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleasesResponse {
+    pub releases: Vec<ReleaseInfo>,
+}
+
+/// What a desired version applies to. Resolution for an agent: its `agent` entry, else its site's, else its
+/// ring's (the effective `ring` label), else the `fleet` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredScope {
+    Fleet,
+    Ring,
+    Site,
+    Agent,
+}
+
+impl DesiredScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredScope::Fleet => "fleet",
+            DesiredScope::Ring => "ring",
+            DesiredScope::Site => "site",
+            DesiredScope::Agent => "agent",
+        }
+    }
+}
+
+/// `PUT /admin/desired-versions` (admin): set the desired agent version of one scope.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDesiredVersionRequest {
+    pub scope: DesiredScope,
+    /// The ring name, site id or agent id; absent for `fleet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub version: String,
+    /// Allow agents above `version` to go down to it (a signed rollback target).
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+/// One desired-version entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredVersionEntry {
+    pub scope: DesiredScope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub version: String,
+    pub rollback: bool,
+    /// `admin`, or `rollout:<id>` when a rollout controller set it.
+    pub set_by: String,
+    pub set_at: String,
+    /// Agents whose resolution currently lands on this entry.
+    pub agents: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DesiredVersionsResponse {
+    pub desired_versions: Vec<DesiredVersionEntry>,
+}
+
+/// `PUT /sites/{site_id}/labels` (tenant) and `PUT /admin/sites/{site_id}/labels`,
+/// `PUT /tenants/{tenant_id}/agents/{agent_id}/labels` and `PUT /admin/agents/{agent_id}/labels`: replace the
+/// labels. Well-known keys: `ring` (lab, pilot, stable or any name) and `environment` (production, test, dev...).
+/// An agent's effective labels are its site's overlaid with its own.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SetLabelsRequest {
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The well-known label naming an agent's rollout ring.
+pub const LABEL_RING: &str = "ring";
+/// The well-known label naming an agent's environment (`production` forbids pre-releases).
+pub const LABEL_ENVIRONMENT: &str = "environment";
+/// The environment value in which pre-releases are banned.
+pub const ENVIRONMENT_PRODUCTION: &str = "production";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthResponse {

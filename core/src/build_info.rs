@@ -61,17 +61,36 @@ pub const BUILD_INFO: BuildInfo = BuildInfo {
 pub fn clap_version() -> &'static str {
     // Computed once: clap wants a `&'static str` (or a `Str`), and the text never changes.
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TEXT.get_or_init(|| format!("{VERSION}\n{}", detail_lines()))
+    TEXT.get_or_init(|| format!("{}\n{}", reported(), detail_lines()))
 }
 
 /// The multi-line `version` text for the binary `name`, ending without a newline:
 /// `<name> <version>`, `commit: ...`, `target: ...`, `built: ...`.
 pub fn version_text(name: &str) -> String {
-    format!("{name} {VERSION}\n{}", detail_lines())
+    format!("{name} {}\n{}", reported(), detail_lines())
+}
+
+/// The version this binary reports: the one it was installed as when it runs from a host layout's release
+/// directory (see [`crate::installed`]), else [`VERSION`].
+pub fn reported() -> &'static str {
+    #[cfg(unix)]
+    {
+        crate::installed::reported_version().version.as_str()
+    }
+    #[cfg(not(unix))]
+    {
+        VERSION
+    }
 }
 
 fn detail_lines() -> String {
-    format!("commit: {GIT_COMMIT}\ntarget: {TARGET}\nbuilt: {BUILD_DATE}")
+    // A promoted release runs the pre-release's bytes: say what it was built as.
+    let build = if reported() != VERSION {
+        format!("build: {VERSION}\n")
+    } else {
+        String::new()
+    };
+    format!("{build}commit: {GIT_COMMIT}\ntarget: {TARGET}\nbuilt: {BUILD_DATE}")
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! * [`api`]: the wire types of the control plane's HTTP API and its error codes. The routes and field names
 //!   stay compatible with the earlier Go implementation so that agents already in the field keep working.
 //! * [`build_info`]: version, git commit, build date and target triple of this build, and the `version` text.
+//! * [`archive`]: unpacking verified release tarballs.
 //! * [`fsutil`]: crash-safe (atomic) file writes.
+//! * [`installed`]: the version a binary was installed as (the manifest in its release directory).
 //! * [`layout`]: the host release layout (`/opt/nkudo/releases/<version>` + `current`), crash-safe switches.
 //! * [`manifest`]: the release manifest (`manifest.json`) and canonical JSON (what is signed).
 //! * [`minisign`]: minisign public keys and signatures: parse, verify (prehashed `ED`), trusted comments, sign.
@@ -12,8 +14,12 @@
 //! This crate has no runtime dependencies (no tokio, no HTTP, no SQL; the crypto is ed25519-dalek, BLAKE2 and SHA-256) so that every binary can use it.
 
 pub mod api;
+#[cfg(unix)]
+pub mod archive;
 pub mod build_info;
 pub mod fsutil;
+#[cfg(unix)]
+pub mod installed;
 #[cfg(unix)]
 pub mod layout;
 pub mod manifest;

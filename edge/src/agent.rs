@@ -596,6 +596,8 @@ async fn heartbeat_once<B: VmBackend>(
         microvms,
         execution_updates: updates,
         sent_at: Some(now_rfc3339()),
+        build_version: None,
+        update: None,
     };
     // The wire type plus our extra keys (helper binaries and hostname in the facts; the spool's state): unknown
     // keys are ignored by the control plane.

@@ -127,6 +127,10 @@ mod tests {
             cert_serial: "1".into(),
             cert_expires_at: "2027-01-01T00:00:00Z".into(),
             revoked_at: revoked.then(|| "2026-02-01T00:00:00Z".into()),
+            build_version: None,
+            labels: Default::default(),
+            desired_version: None,
+            update: None,
         }
     }
 

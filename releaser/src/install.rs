@@ -32,6 +32,10 @@ pub struct Verified {
     pub name: String,
     pub version: Version,
     pub bytes: Vec<u8>,
+    /// The verified `manifest.json` text and its signature, written into the release directory so that the
+    /// installed binaries report the version they were installed as (`nkudo_core::installed`). `None` for a lone
+    /// tarball.
+    pub metadata: Option<(String, String)>,
 }
 
 /// Verifies `source` (a release directory or a tarball) with `key` at `now` and returns the tarball's bytes.
@@ -73,7 +77,14 @@ pub fn verify_source(
             problems.join("\n  ")
         );
     }
-    let m = Manifest::from_json(&std::fs::read(dir.join("manifest.json"))?)?;
+    // The manifest bytes kept are the bytes whose signature is checked (the file could change after verify_dir).
+    let manifest_bytes = std::fs::read(dir.join("manifest.json"))?;
+    let sig_text = std::fs::read_to_string(dir.join(nkudo_core::installed::SIGNATURE_FILE))
+        .context("reading manifest.json.minisig")?;
+    key.verify(&Signature::from_file_text(&sig_text)?, &manifest_bytes)
+        .context("manifest.json changed after it was verified; nothing installed")?;
+    let manifest_text = String::from_utf8(manifest_bytes.clone()).context("manifest.json is not UTF-8")?;
+    let m = Manifest::from_json(&manifest_bytes)?;
     let artifact = match &wanted {
         Some(name) => m
             .artifacts
@@ -107,6 +118,7 @@ pub fn verify_source(
         name: artifact.name.clone(),
         version: nkudo_core::version::parse(&m.version)?,
         bytes,
+        metadata: Some((manifest_text, sig_text)),
     })
 }
 
@@ -138,18 +150,18 @@ fn verify_lone_tarball(path: &Path, name: &str, key: &PublicKey, now: DateTime<U
         name: name.to_string(),
         version: nkudo_core::version::parse(version)?,
         bytes,
+        metadata: None,
     })
 }
 
 /// Unpacks verified tarball bytes into the layout. Returns whether it was installed or already there.
 pub fn install(layout: &Layout, verified: &Verified) -> Result<InstallOutcome> {
     let outcome = layout.install(&verified.version, |dir: &Path| -> std::io::Result<()> {
-        let gz = flate2::read::GzDecoder::new(verified.bytes.as_slice());
-        let mut archive = tar::Archive::new(gz);
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(false);
-        // `unpack` refuses entries that would land outside `dir` (absolute paths, `..`).
-        archive.unpack(dir)
+        nkudo_core::archive::unpack_tar_gz(verified.bytes.as_slice(), dir)?;
+        if let Some((manifest, signature)) = &verified.metadata {
+            nkudo_core::installed::write_metadata(dir, manifest, signature)?;
+        }
+        Ok(())
     })?;
     Ok(outcome)
 }

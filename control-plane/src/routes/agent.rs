@@ -211,6 +211,8 @@ pub async fn heartbeat(
         agent_version_supported: supported,
         rotate_certificate: rotate,
         certificate_expires_at: rfc3339(auth.peer.not_after_ms),
+        desired_version: None,
+        update: None,
     }))
 }
 

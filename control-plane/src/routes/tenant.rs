@@ -34,6 +34,7 @@ fn site_from_row(r: &sqlx::any::AnyRow) -> Result<Site, sqlx::Error> {
         connectivity_state: r.try_get(5)?,
         last_heartbeat_at: rfc3339_opt(r.try_get(6)?),
         created_at: rfc3339(r.try_get(7)?),
+        labels: Default::default(),
     })
 }
 
@@ -95,6 +96,7 @@ pub async fn create_site(
         connectivity_state: "OFFLINE".into(),
         last_heartbeat_at: None,
         created_at: rfc3339(now),
+        labels: Default::default(),
     };
     let mut tx = state.db.pool.begin().await?;
     let inserted = sqlx::query(
@@ -219,6 +221,10 @@ fn agent_from_row(state: &SharedState, r: &sqlx::any::AnyRow) -> Result<Agent, s
         cert_serial: r.try_get(9)?,
         cert_expires_at: rfc3339(r.try_get(10)?),
         revoked_at: rfc3339_opt(r.try_get(11)?),
+        build_version: None,
+        labels: Default::default(),
+        desired_version: None,
+        update: None,
     })
 }
 
