@@ -920,6 +920,215 @@ pub const LABEL_ENVIRONMENT: &str = "environment";
 /// The environment value in which pre-releases are banned.
 pub const ENVIRONMENT_PRODUCTION: &str = "production";
 
+// ---------------------------------------------------------------------------------------------------------
+// Rollouts (ARCHITECTURE §4.6; admin key)
+
+/// `POST /admin/rollouts` (start) and `POST /admin/rollouts/plan` (dry run: nothing changes).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StartRolloutRequest {
+    /// The policy file's text (TOML, see `nkudo_core::rollout`).
+    pub policy: String,
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    Running,
+    Paused,
+    /// Stopped at a stage's manual gate until `approve`.
+    WaitingApproval,
+    Completed,
+    /// A trigger fired (or a stage's agents did not report in time): every touched agent was sent back.
+    RolledBack,
+    /// An operator aborted it: every touched agent was sent back.
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::WaitingApproval => "waiting-approval",
+            RolloutState::Completed => "completed",
+            RolloutState::RolledBack => "rolled-back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    /// No further decisions are taken.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Completed | RolloutState::RolledBack | RolloutState::Aborted
+        )
+    }
+}
+
+/// One trigger's latest evaluation in a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerStatus {
+    pub name: String,
+    pub metric: String,
+    pub compare: String,
+    pub operator: String,
+    pub threshold: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// The control group's value or the baseline, by `compare`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<f64>,
+    /// pass, breach or inconclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    pub consecutive_breaches: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluated_at: Option<String>,
+}
+
+/// One stage of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStageStatus {
+    pub index: u32,
+    pub name: String,
+    /// pending, switching, baking, waiting-approval, done, rolled-back.
+    pub state: String,
+    /// Agents the stage selects.
+    pub agents: i64,
+    /// Agents whose desired version the stage has set so far (the blast radius caps how fast this grows).
+    pub switched: i64,
+    /// Agents reporting the new version.
+    pub on_new_version: i64,
+    /// Agents per reported version.
+    pub versions: BTreeMap<String, i64>,
+    /// Agents per self-update phase.
+    pub phases: BTreeMap<String, i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    pub manual_gate: bool,
+    pub triggers: Vec<TriggerStatus>,
+}
+
+/// One entry of a rollout's append-only, hash-chained decision log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutDecision {
+    pub seq: i64,
+    pub at: String,
+    /// `controller` or `admin`.
+    pub actor: String,
+    /// started, stage-started, agents-switched, stage-baked, gate-waiting, approved, paused, resumed, breach,
+    /// report-timeout, rolled-back, aborted, completed, prerelease-refused.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// The query as sent (placeholders filled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The values seen (value, reference, samples, ...).
+    #[serde(default)]
+    pub values: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// What was done.
+    pub action: String,
+    /// SHA-256 over the previous entry's hash and this entry (hex).
+    pub hash: String,
+}
+
+/// A rollout as `GET /admin/rollouts/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<String>,
+    pub state: RolloutState,
+    /// Index into `stages` of the stage in progress (absent before the first and after the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_stage: Option<u32>,
+    /// `prometheus` or `builtin`: where the triggers' values come from.
+    pub metrics_source: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub stages: Vec<RolloutStageStatus>,
+    /// The latest decisions (newest last); `GET /admin/rollouts/{id}/decisions` has all of them.
+    #[serde(default)]
+    pub decisions: Vec<RolloutDecision>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutsResponse {
+    pub rollouts: Vec<Rollout>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutDecisionsResponse {
+    pub decisions: Vec<RolloutDecision>,
+    /// The hash chain verifies from the first entry to the last.
+    pub chain_ok: bool,
+}
+
+/// One stage of a dry run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedStage {
+    pub name: String,
+    /// Agents the stage would select (agents of earlier stages are not counted again).
+    pub agents: i64,
+    /// Of which already on the version.
+    pub already_on_version: i64,
+    /// Agents per site id.
+    pub sites: BTreeMap<String, i64>,
+    pub manual_gate: bool,
+    pub bake_seconds: u64,
+    pub report_timeout_seconds: u64,
+    pub triggers: Vec<String>,
+}
+
+/// `POST /admin/rollouts/plan`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPlan {
+    pub version: String,
+    pub metrics_source: String,
+    pub stages: Vec<PlannedStage>,
+    /// Agents no stage selects (they stay where they are).
+    pub unselected_agents: i64,
+    pub warnings: Vec<String>,
+}
+
+/// `POST /admin/rollback`: send the whole fleet, or a selection, to a version (a signed rollback target).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FleetRollbackRequest {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rings: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetRollbackResponse {
+    pub version: String,
+    /// Agents whose desired version was set.
+    pub agents: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthResponse {
     pub status: String,
