@@ -3,6 +3,8 @@
 //!
 //! * [`policy`]: the file format, parsing and validation (every error names its line).
 //! * [`select`]: which agents a stage selects (labels, tenants, sites, a stable percentage of agent ids).
+//! * [`machine`]: what the controller does next in a stage (switch within the blast radius, report timeout,
+//!   bake, finish, manual gate).
 //! * [`trigger`]: the analysis triggers: the built-in defaults (our rollback rules), PromQL templates with
 //!   placeholders, and the breach decision from the values seen.
 //!
@@ -39,10 +41,12 @@
 //! threshold = 0.5
 //! ```
 
+pub mod machine;
 pub mod policy;
 pub mod select;
 pub mod trigger;
 
+pub use machine::{next_steps, Member, StagePhase, Step};
 pub use policy::{parse_policy, Policy, PolicyError, Stage};
 pub use select::{stable_bucket, AgentFacts, Selector};
 pub use trigger::{Compare, Decision, Metric, NoData, Observation, Operator, Trigger};
