@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod publish;
+
 /// Environment variable holding a whole secret key file (for CI, with an unencrypted key in a secret).
 const ENV_KEY: &str = "NKUDO_SIGNING_KEY";
 /// Environment variable naming a secret key file.
@@ -29,7 +31,8 @@ Exit codes:
   1  error (bad input, I/O, build failure, wrong passphrase)
   2  usage error (bad arguments)
   1  also: `lint-deploy` found a floating reference
-  3  verification failed (`verify`: a tampered file, another key, an expired manifest, a missing file)
+  3  verification failed (`verify`: a tampered file, another key, an expired manifest, a missing file;
+     `publish`: the local check of the directory, before anything is sent)
 
 Signing keys: --key FILE, or $NKUDO_SIGNING_KEY_FILE, or the key file's content in $NKUDO_SIGNING_KEY (CI).
 An encrypted key's passphrase comes from $NKUDO_SIGNING_KEY_PASSPHRASE or is asked on the terminal. Key
@@ -89,8 +92,12 @@ enum Cmd {
     /// Remove old releases, keeping the newest --keep (never current or previous).
     Prune(PruneArgs),
     /// Before upgrading a control plane: which enrolled agents would it no longer support (N/N-1 rule)? Reads
-    /// `GET /tenants/{id}/agents`; exit 1 when any active agent would be unsupported.
+    /// the whole fleet (`GET /admin/agents`, admin key) or one tenant (`--tenant`, `GET /tenants/{id}/agents`);
+    /// exit 1 when any active agent would be unsupported.
     CheckCompat(CheckCompatArgs),
+    /// Register a release directory with a control plane's release registry (admin key): checks it locally,
+    /// posts the signed manifest, uploads the artifacts it does not hold yet (or registers --external-base-url).
+    Publish(PublishArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -372,18 +379,52 @@ struct CheckCompatArgs {
     /// The running control plane (https://host:8443).
     #[arg(long)]
     url: String,
-    /// The tenant whose agents are checked.
+    /// Check one tenant's agents (`GET /tenants/{id}/agents` with --api-key) instead of the whole fleet.
     #[arg(long, value_name = "ID")]
-    tenant: String,
-    /// A tenant API key (`X-API-Key`; the agents route does not take the admin key).
+    tenant: Option<String>,
+    /// A tenant API key (`X-API-Key`), with --tenant.
     #[arg(long, env = "NKUDO_API_KEY", hide_env_values = true)]
-    api_key: String,
+    api_key: Option<String>,
+    /// The admin key (`X-Admin-Key`): the whole fleet, every tenant (`GET /admin/agents`). The default mode.
+    #[arg(long, env = "NKUDO_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
     /// PEM CA bundle to trust for --url (the control plane's CA); else the system roots.
     #[arg(long, value_name = "FILE")]
     ca_cert: Option<PathBuf>,
     /// An operator floor above the N/N-1 rule (the control plane's minimum agent version setting).
     #[arg(long, value_name = "VERSION")]
     minimum_agent_version: Option<String>,
+    #[command(flatten)]
+    output: OutputArg,
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// The release directory (`releaser dist` / `releaser promote` output).
+    dir: PathBuf,
+    /// The control plane (https://host:8443).
+    #[arg(long)]
+    url: String,
+    /// The admin key (`X-Admin-Key`).
+    #[arg(long, env = "NKUDO_ADMIN_KEY", hide_env_values = true)]
+    admin_key: String,
+    /// PEM CA bundle to trust for --url (the control plane's CA); else the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Agents fetch the artifacts from <URL>/<artifact name> (a CDN, an object store): nothing is uploaded.
+    #[arg(long, value_name = "URL")]
+    external_base_url: Option<String>,
+    /// Check and upload only this component's artifacts (agents only fetch their own).
+    #[arg(long, value_name = "COMPONENT")]
+    only_component: Option<String>,
+    /// Verify the directory's signatures with this trusted public key first (as `releaser verify`); without
+    /// it, only the expiry and the artifacts' sizes and SHA-256 are checked locally (the control plane checks the
+    /// signature against its RELEASE_PUBLIC_KEYS in any case).
+    #[arg(long, value_name = "FILE", conflicts_with = "public_key_string")]
+    public_key: Option<PathBuf>,
+    /// The trusted public key as its base64 line (`RWQ...`).
+    #[arg(long, value_name = "BASE64")]
+    public_key_string: Option<String>,
     #[command(flatten)]
     output: OutputArg,
 }
@@ -407,9 +448,14 @@ fn main() -> ExitCode {
         Cmd::List(a) => cmd_list(a),
         Cmd::Prune(a) => cmd_prune(a),
         Cmd::CheckCompat(a) => cmd_check_compat(a),
+        Cmd::Publish(a) => cmd_publish(a),
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<publish::LocalVerifyFailed>().is_some() => {
+            eprintln!("releaser: error: {e:#}");
+            ExitCode::from(EXIT_VERIFY_FAILED)
+        }
         Err(e) => {
             eprintln!("releaser: error: {e:#}");
             ExitCode::FAILURE
@@ -964,7 +1010,16 @@ fn cmd_check_compat(a: CheckCompatArgs) -> Result<ExitCode> {
         .as_deref()
         .map(|v| nkudo_core::version::parse(v).with_context(|| format!("--minimum-agent-version {v:?}")))
         .transpose()?;
-    let agents = releaser::compat::fetch_agents(&a.url, &a.tenant, &a.api_key, a.ca_cert.as_deref())?;
+    let source = match (&a.tenant, &a.api_key, &a.admin_key) {
+        (Some(tenant), Some(api_key), _) => releaser::compat::Source::Tenant { tenant, api_key },
+        (Some(_), None, _) => bail!("--tenant needs the tenant's API key: --api-key or $NKUDO_API_KEY"),
+        (None, _, Some(admin_key)) => releaser::compat::Source::Fleet { admin_key },
+        (None, _, None) => bail!(
+            "no credentials: pass --admin-key (or $NKUDO_ADMIN_KEY) to check the whole fleet, or --tenant ID with \
+             --api-key (or $NKUDO_API_KEY) to check one tenant"
+        ),
+    };
+    let agents = releaser::compat::fetch(&a.url, &source, a.ca_cert.as_deref())?;
     let report = releaser::compat::evaluate(&cp, floor, &agents);
     match a.output.output {
         Output::Json => print_json(&report)?,
@@ -1002,6 +1057,78 @@ fn cmd_check_compat(a: CheckCompatArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn cmd_publish(a: PublishArgs) -> Result<ExitCode> {
+    let trusted = match (&a.public_key, &a.public_key_string) {
+        (None, None) => None,
+        (p, s) => Some(trusted_key(p, s)?),
+    };
+    let req = publish::PublishRequest {
+        dir: a.dir.clone(),
+        url: a.url.clone(),
+        admin_key: a.admin_key.clone(),
+        ca_cert: a.ca_cert.clone(),
+        external_base_url: a.external_base_url.clone(),
+        only_component: a.only_component.clone(),
+        trusted: trusted.as_ref(),
+        now: chrono::Utc::now(),
+    };
+    let bar = ProgressBar::hidden();
+    let show = a.output.output == Output::Text;
+    let report = publish::publish(&req, &mut |p| match p {
+        publish::Progress::Plan { files, bytes } => {
+            if show && files > 0 {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_length(bytes);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg} [{elapsed}]")
+                        .expect("static template")
+                        .progress_chars("=> "),
+                );
+            }
+        }
+        publish::Progress::Uploading { name, size } => bar.set_message(format!("uploading {name} ({size} bytes)")),
+        publish::Progress::Uploaded { name, size } => {
+            bar.inc(size);
+            bar.set_message(format!("uploaded {name}"));
+        }
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    match a.output.output {
+        Output::Json => print_json(&report)?,
+        Output::Text => {
+            for x in &report.artifacts {
+                println!("  {:<18} {:>10}  {}", x.action, x.size, x.name);
+            }
+            if !report.verified_signatures {
+                println!(
+                    "note: no --public-key: checked sizes, hashes and expiry locally; the control plane checked the                      signature"
+                );
+            }
+            println!(
+                "{} {} ({}) on {}: signed by key {}, expires {}; {} byte(s) uploaded{}",
+                if report.created {
+                    "published"
+                } else {
+                    "already published (identical manifest)"
+                },
+                report.version,
+                report.channel,
+                report.url,
+                report.key_id,
+                report.expires,
+                report.uploaded_bytes,
+                report
+                    .external_base_url
+                    .as_ref()
+                    .map(|u| format!("; agents fetch artifacts from {u}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_lint_deploy(a: LintDeployArgs) -> Result<ExitCode> {

@@ -145,6 +145,16 @@ fn install_activate_rollback_list_prune() {
         std::fs::read_to_string(f.root.join("current/bin/nkudo-edge")).unwrap(),
         "#!/bin/sh\necho 0.1.0\n"
     );
+    // The verified manifest and its signature are kept in the release directory, byte for byte: the installed
+    // binaries read the version they were installed as from there.
+    let rel = f.root.join("releases/0.1.0");
+    for file in ["manifest.json", "manifest.json.minisig"] {
+        assert_eq!(
+            std::fs::read(rel.join(file)).unwrap_or_else(|e| panic!("{file} in {}: {e}", rel.display())),
+            std::fs::read(f.t.join("0.1.0").join(file)).unwrap(),
+            "{file}"
+        );
+    }
     // A lone tarball (with its .minisig) installs too.
     let name = release_dir(&f.t.join("lone"), "0.2.0", &key(1));
     std::fs::remove_file(f.t.join("lone/manifest.json")).unwrap();
@@ -222,4 +232,78 @@ fn verification_comes_first() {
     let (code, text) = install(&f, &f.t.join("other"), &[]);
     assert_eq!(code, 1, "{text}");
     assert!(!f.root.join("releases/0.1.0").exists(), "{text}");
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The real release directory of `cargo xtask test` (see tests/dist.rs): installed, its edge binary reports the
+/// version it was installed as on its first line, and the manifest it was verified with sits beside it.
+#[test]
+fn installed_dist_edge_binary_reports_its_installed_version() {
+    let (Some(dir), Some(pubkey)) = (
+        std::env::var_os("NKUDO_DIST_DIR"),
+        std::env::var_os("NKUDO_DIST_PUBKEY"),
+    ) else {
+        assert!(
+            !ci(),
+            "CI=true but NKUDO_DIST_DIR / NKUDO_DIST_PUBKEY are not set: run the tests through `cargo xtask test`"
+        );
+        let bar = "!".repeat(90);
+        eprintln!("{bar}\n!!! SKIPPED: installing the real release: NKUDO_DIST_DIR is not set (run `cargo xtask test`)\n{bar}");
+        return;
+    };
+    let (dir, pubkey) = (PathBuf::from(dir), PathBuf::from(pubkey));
+    let m = Manifest::from_json(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    if !m
+        .artifacts
+        .iter()
+        .any(|a| a.component == "nkudo-edge" && a.arch == host_arch())
+    {
+        assert!(
+            !ci(),
+            "CI=true but {} has no nkudo-edge tarball for {}",
+            dir.display(),
+            host_arch()
+        );
+        eprintln!(
+            "SKIPPED: {} has no nkudo-edge tarball for {}",
+            dir.display(),
+            host_arch()
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("opt-nkudo");
+    let (code, text) = releaser(
+        &["install", "--activate"],
+        &root,
+        &[&dir, Path::new("--public-key"), &pubkey],
+    );
+    assert_eq!(code, 0, "{text}");
+    let rel = root.join("releases").join(&m.version);
+    for file in ["manifest.json", "manifest.json.minisig"] {
+        assert_eq!(
+            std::fs::read(rel.join(file)).unwrap_or_else(|e| panic!("{file} in {}: {e}", rel.display())),
+            std::fs::read(dir.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    for bin in [rel.join("bin/nkudo-edge"), root.join("current/bin/nkudo-edge")] {
+        let o = Command::new(&bin).arg("version").output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{}: {out}{}",
+            bin.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            out.lines().next(),
+            Some(format!("nkudo-edge {}", m.version).as_str()),
+            "{}: {out}",
+            bin.display()
+        );
+    }
 }
