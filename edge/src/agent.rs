@@ -22,6 +22,7 @@ use crate::mesh::Mesh;
 use crate::pki::{self, Pki};
 use crate::spool::{Spool, SpoolItem};
 use crate::state::{now_rfc3339, CertInfo, StateStore};
+use crate::update::{UpdateEvent, Updater};
 use crate::vm::VmBackend;
 use crate::{ExitError, EXIT_FAILURE, EXIT_NOT_ENROLLED, EXIT_REVOKED, EXIT_UNREACHABLE};
 use nkudo_core::api::{
@@ -36,7 +37,18 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
+/// The version this binary was built as (see [`agent_version`] for the one it reports).
 pub const AGENT_VERSION: &str = nkudo_core::build_info::VERSION;
+
+/// The version the agent reports: the one it was installed as (the manifest in its release directory), else its
+/// build version.
+pub fn agent_version() -> &'static str {
+    &nkudo_core::installed::reported_version().version
+}
+
+/// During a self-update switch, how long the current action may take to finish before the restart goes ahead
+/// (an interrupted action is run again after the restart: every provider operation is idempotent).
+pub const SWITCH_ACTION_WAIT: Duration = Duration::from_secs(120);
 /// Log lines per `POST /agents/logs`.
 pub const LOG_BATCH_LINES: usize = 100;
 /// A log line waits at most this long for its batch.
@@ -98,6 +110,10 @@ pub fn backoff_cap() -> Duration {
 enum Stop {
     Signal,
     Fatal(String),
+    /// Self-update: a new version is installed; stop gracefully, then switch and restart.
+    Update,
+    /// Self-update: the version on trial rolled back; stop gracefully, then restart into the previous version.
+    Restart,
 }
 
 /// State shared by the three tasks.
@@ -124,6 +140,7 @@ struct Shared<B: VmBackend> {
     serial_mismatches: Mutex<u32>,
     /// VMs deleted recently: (vm id, heartbeats left to report them `DELETED`).
     tombstones: Mutex<Vec<(String, u32)>>,
+    updater: Arc<Updater>,
 }
 
 impl<B: VmBackend> Shared<B> {
@@ -134,7 +151,9 @@ impl<B: VmBackend> Shared<B> {
     fn stop(&self, why: Stop) {
         {
             let mut r = lock(&self.stop_reason);
-            if r.is_none() {
+            // A signal wins over a pending self-update restart (the operator wants the agent stopped).
+            let restart_pending = matches!(*r, Some(Stop::Update | Stop::Restart));
+            if r.is_none() || (restart_pending && matches!(why, Stop::Signal | Stop::Fatal(_))) {
                 *r = Some(why);
             }
         }
@@ -581,7 +600,7 @@ async fn heartbeat_once<B: VmBackend>(
     let req = HeartbeatRequest {
         agent_id: Some(shared.agent_id.clone()),
         heartbeat_seq: Some(seq),
-        agent_version: Some(AGENT_VERSION.to_string()),
+        agent_version: Some(shared.updater.running().to_string()),
         os: Some(f.os.clone()),
         arch: Some(f.arch.clone()),
         kernel_version: Some(f.kernel.clone()),
@@ -596,8 +615,10 @@ async fn heartbeat_once<B: VmBackend>(
         microvms,
         execution_updates: updates,
         sent_at: Some(now_rfc3339()),
-        build_version: None,
-        update: None,
+        build_version: nkudo_core::installed::reported_version()
+            .build_version_if_different()
+            .map(str::to_string),
+        update: Some(shared.updater.status()),
     };
     // The wire type plus our extra keys (helper binaries and hostname in the facts; the spool's state): unknown
     // keys are ignored by the control plane.
@@ -692,6 +713,8 @@ async fn signals() {
 pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
     warn_insecure(settings.conn.insecure_skip_verify);
     settings.conn.require_control_plane().map_err(ExitError::usage)?;
+    // The self-update start guard comes first: a version on trial that must roll back does so before connecting.
+    let (updater, mut update_events) = Updater::start(&settings.update, &settings.dirs.state_dir, settings.once)?;
     let mut store =
         StateStore::open(&settings.dirs.state_dir).map_err(|e| ExitError::new(EXIT_FAILURE, e.to_string()))?;
     let identity = store
@@ -718,7 +741,8 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
     let backend = Arc::new(ProviderBackend::new(&settings.provider));
     let mesh = Mesh::new(&settings.netbird);
     info(&format!(
-        "nkudo-edge {AGENT_VERSION} agent {} (site {}) → {}",
+        "nkudo-edge {} agent {} (site {}) → {}",
+        agent_version(),
         identity.agent_id,
         identity.site_id,
         client.base_url()
@@ -748,8 +772,26 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
         agent_id: identity.agent_id.clone(),
         serial_mismatches: Mutex::new(0),
         tombstones: Mutex::new(Vec::new()),
+        updater: updater.clone(),
         settings,
     });
+    {
+        let s = shared.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = update_events.recv().await {
+                match ev {
+                    UpdateEvent::ReadyToSwitch => {
+                        info("self-update: stopping gracefully to switch versions");
+                        s.stop(Stop::Update);
+                    }
+                    UpdateEvent::RestartAfterRollback => s.stop(Stop::Restart),
+                }
+            }
+        });
+    }
+    if updater.on_trial() {
+        tokio::spawn(updater.clone().trial_task());
+    }
     let (plan_tx, plan_rx) = mpsc::unbounded_channel::<Vec<LeasedPlan>>();
     let exec_handle = tokio::spawn(executor_task(shared.clone(), plan_rx));
     let sender_handle = tokio::spawn(sender_task(shared.clone()));
@@ -796,6 +838,8 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
                 }
                 backoff = Duration::ZERO;
                 ok_count += 1;
+                shared.updater.heartbeat_ok();
+                shared.updater.on_response(&resp, &shared.client());
                 *lock(&shared.serial_mismatches) = 0;
                 // Progress that went out is done (unless it changed meanwhile).
                 lock(&shared.progress).retain(|u| !sent_updates.contains(&(u.execution_id.clone(), u.state.clone())));
@@ -823,7 +867,8 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
                 }
                 if !resp.agent_version_supported {
                     warn(&format!(
-                        "the control plane no longer supports agent version {AGENT_VERSION} (minimum {}): upgrade",
+                        "the control plane no longer supports agent version {} (minimum {}): upgrade",
+                        agent_version(),
                         resp.minimum_supported_agent_version
                     ));
                 }
@@ -901,8 +946,18 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
 
     // Shutdown: the executor finishes its current action, then the spool is flushed.
     let reason = lock(&shared.stop_reason).clone().unwrap_or(Stop::Signal);
+    let restarting = matches!(reason, Stop::Update | Stop::Restart);
     shared.stop(reason);
-    let _ = exec_handle.await;
+    if restarting {
+        if tokio::time::timeout(SWITCH_ACTION_WAIT, exec_handle).await.is_err() {
+            warn(&format!(
+                "the current action did not finish within {}s; restarting anyway (it runs again after the restart)",
+                SWITCH_ACTION_WAIT.as_secs()
+            ));
+        }
+    } else {
+        let _ = exec_handle.await;
+    }
     shared.draining.store(true, Ordering::SeqCst);
     shared.spool_notify.notify_one();
     let fatal = matches!(*lock(&shared.stop_reason), Some(Stop::Fatal(_)));
@@ -920,8 +975,21 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
     }
     let left = lock(&shared.spool).len();
     let reason = lock(&shared.stop_reason).clone();
-    if let Some(Stop::Fatal(msg)) = reason {
-        return Err(ExitError::new(EXIT_REVOKED, msg));
+    match reason {
+        Some(Stop::Fatal(msg)) => return Err(ExitError::new(EXIT_REVOKED, msg)),
+        Some(Stop::Update) => {
+            info(&format!(
+                "stopped for the self-update ({left} undelivered spool entr(ies) kept)"
+            ));
+            return Err(shared.updater.switch_and_restart());
+        }
+        Some(Stop::Restart) => {
+            info(&format!(
+                "stopped to restart into the previous version ({left} undelivered spool entr(ies) kept)"
+            ));
+            return Err(shared.updater.restart());
+        }
+        _ => {}
     }
     info(&format!("stopped ({left} undelivered spool entr(ies) kept)"));
     once_result

@@ -15,6 +15,10 @@ pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/nkudo-edge/images";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_SPOOL_MAX_ENTRIES: usize = 10_000;
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_UPDATE_HEALTH_WINDOW: Duration = Duration::from_secs(120);
+pub const DEFAULT_UPDATE_STABLE_AFTER: Duration = Duration::from_secs(30);
+pub const DEFAULT_UPDATE_MAX_STARTS: u32 = 3;
+pub const DEFAULT_SYSTEMD_UNIT: &str = "nkudo-edge.service";
 
 const ENV_HELP: &str = "\
 Precedence: command-line flags > environment > config file > defaults.
@@ -39,12 +43,16 @@ Environment variables (each overrides the config file; a flag overrides it):
   NKUDO_NETBIRD_PROBE_TYPE, NKUDO_NETBIRD_PROBE_TARGET, NKUDO_NETBIRD_PROBE_TIMEOUT,
   NKUDO_NETBIRD_PROBE_HTTP_MIN, NKUDO_NETBIRD_PROBE_HTTP_MAX   the --netbird-* flags
   NKUDO_SPOOL_MAX_ENTRIES, NKUDO_SPOOL_MAX_BYTES               bounds of the on-disk result/log spool
+  NKUDO_RELEASE_PUBLIC_KEYS    --release-public-key (comma-separated)
+  NKUDO_UPDATE_HEALTH_WINDOW, NKUDO_UPDATE_STABLE_AFTER, NKUDO_UPDATE_MAX_STARTS,
+  NKUDO_UPDATE_DOWNLOAD_RATE_LIMIT, NKUDO_RESTART_MODE, NKUDO_UPDATE_SYSTEMD_UNIT   the self-update flags
 
 Durations: `15s`, `500ms`, `2m`, `1h`, `1m30s`, or bare seconds.
 
 Exit codes: 0 success; 1 failure (an action failed, the control plane refused); 2 usage or configuration
 error; 3 not enrolled (no identity in the state dir); 4 the control plane revoked or no longer knows this
-agent (re-enroll); 5 the control plane could not be reached.";
+agent (re-enroll); 5 the control plane could not be reached; 75 restart requested (self-update with
+--restart-mode=exit: the service manager starts the new `current`).";
 
 /// The n-kudo edge agent: enrolls this host with the control plane (mTLS identity from a CSR), sends heartbeats
 /// with host facts, microVM states and NetBird status, and executes leased microVM plans through Cloud
@@ -74,6 +82,70 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Print the agent's version.
     Version,
+    /// Internal: the self-update watcher, run from the previous (known-good) binary during a trial.
+    #[command(hide = true)]
+    UpdateWatch(WatchArgs),
+}
+
+/// How the agent restarts into a new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartMode {
+    /// `exit` when started by systemd (`INVOCATION_ID` is set), else `exec`.
+    #[default]
+    Auto,
+    /// Re-execute `<root>/current/bin/nkudo-edge` in place (same PID).
+    Exec,
+    /// Exit with code 75; the service manager restarts the unit (`RestartForceExitStatus=75`).
+    Exit,
+}
+
+impl RestartMode {
+    /// `Auto` resolved against the environment: never `Auto`.
+    pub fn effective(self) -> RestartMode {
+        match self {
+            RestartMode::Auto if std::env::var_os("INVOCATION_ID").is_some_and(|v| !v.is_empty()) => RestartMode::Exit,
+            RestartMode::Auto => RestartMode::Exec,
+            m => m,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartMode::Auto => "auto",
+            RestartMode::Exec => "exec",
+            RestartMode::Exit => "exit",
+        }
+    }
+}
+
+/// `update-watch` (hidden): started detached by the agent right before it restarts into a new version.
+#[derive(Debug, Args, Clone)]
+pub struct WatchArgs {
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The host layout root.
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// The agent's PID (the same after an exec restart).
+    #[arg(long)]
+    pub agent_pid: u32,
+    #[arg(long)]
+    pub attempt_to: String,
+    #[arg(long)]
+    pub attempt_started_at: String,
+    /// exec or exit (already resolved).
+    #[arg(long, value_enum)]
+    pub restart_mode: RestartMode,
+    #[arg(long, default_value_t = DEFAULT_UPDATE_MAX_STARTS)]
+    pub max_starts: u32,
+    #[arg(long, default_value = DEFAULT_SYSTEMD_UNIT)]
+    pub systemd_unit: String,
+    /// The agent binary's path inside a release directory (`bin/nkudo-edge`).
+    #[arg(long, default_value = "bin/nkudo-edge")]
+    pub exe_rel: PathBuf,
+    /// The original `run` arguments (without the program name).
+    #[arg(last = true, allow_hyphen_values = true)]
+    pub run_args: Vec<String>,
 }
 
 fn bool_flag() -> BoolishValueParser {
@@ -223,6 +295,40 @@ pub struct RunArgs {
     /// One heartbeat (and the plans it leases, executed and reported), then exit.
     #[arg(long)]
     pub once: bool,
+    #[command(flatten)]
+    pub update: UpdateArgs,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct UpdateArgs {
+    /// A trusted release public key (minisign base64 line `RW...`; repeatable). Without one, self-updates are
+    /// refused and reported. NKUDO_RELEASE_PUBLIC_KEYS takes a comma-separated list.
+    #[arg(
+        long = "release-public-key",
+        env = "NKUDO_RELEASE_PUBLIC_KEYS",
+        value_delimiter = ',',
+        value_name = "KEY"
+    )]
+    pub release_public_keys: Vec<String>,
+    /// A new version must report a healthy heartbeat within this window after the switch, or the host goes back
+    /// to the previous version [default: 120s]
+    #[arg(long, env = "NKUDO_UPDATE_HEALTH_WINDOW", value_parser = parse_duration, value_name = "DURATION")]
+    pub update_health_window: Option<Duration>,
+    /// A new version commits after a successful heartbeat once it has been up this long [default: 30s]
+    #[arg(long, env = "NKUDO_UPDATE_STABLE_AFTER", value_parser = parse_duration, value_name = "DURATION")]
+    pub update_stable_after: Option<Duration>,
+    /// Process starts of a new version during its trial before it is rolled back [default: 3]
+    #[arg(long, env = "NKUDO_UPDATE_MAX_STARTS", value_name = "N")]
+    pub update_max_starts: Option<u32>,
+    /// Download rate limit in bytes/s (`500000`, `512k`, `2M`) [default: unlimited]
+    #[arg(long, env = "NKUDO_UPDATE_DOWNLOAD_RATE_LIMIT", value_parser = parse_rate, value_name = "BYTES")]
+    pub update_download_rate_limit: Option<u64>,
+    /// How to restart into a new version: auto (exit under systemd, else exec), exec, exit [default: auto]
+    #[arg(long, env = "NKUDO_RESTART_MODE", value_enum, value_name = "MODE")]
+    pub restart_mode: Option<RestartMode>,
+    /// The systemd unit the update watcher restarts after a rollback in exit mode [default: nkudo-edge.service]
+    #[arg(long, env = "NKUDO_UPDATE_SYSTEMD_UNIT", value_name = "UNIT")]
+    pub update_systemd_unit: Option<String>,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -283,6 +389,45 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// Parses a rate in bytes/s: `500000`, `512k`/`512K`/`512KiB` (×1024), `2M`/`2MiB` (×1024²), `1G` (×1024³).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid rate {s:?}: expected bytes/s like 500000, 512k, 2M"))?;
+    let mult: u64 = match unit.trim().trim_end_matches("/s") {
+        "" | "B" => 1,
+        "k" | "K" | "KiB" | "KB" => 1024,
+        "m" | "M" | "MiB" | "MB" => 1024 * 1024,
+        "g" | "G" | "GiB" | "GB" => 1024 * 1024 * 1024,
+        u => return Err(format!("invalid rate {s:?}: unknown unit {u:?} (k, M, G)")),
+    };
+    let v = n.checked_mul(mult).ok_or_else(|| format!("rate {s:?} is too large"))?;
+    if v == 0 {
+        return Err(format!("rate {s:?} must be above zero (leave it unset for no limit)"));
+    }
+    Ok(v)
+}
+
+fn de_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Num(n)) if n > 0 => Ok(Some(n)),
+        Some(Raw::Num(_)) => Err(serde::de::Error::custom(
+            "update_download_rate_limit must be above zero",
+        )),
+        Some(Raw::Text(t)) => parse_rate(&t).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -321,6 +466,17 @@ pub struct FileConfig {
     pub vm_boot_timeout: Option<Duration>,
     pub spool_max_entries: Option<usize>,
     pub spool_max_bytes: Option<u64>,
+    /// Trusted release public keys (minisign base64 lines).
+    pub release_public_keys: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub update_health_window: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub update_stable_after: Option<Duration>,
+    pub update_max_starts: Option<u32>,
+    #[serde(default, deserialize_with = "de_rate")]
+    pub update_download_rate_limit: Option<u64>,
+    pub restart_mode: Option<RestartMode>,
+    pub update_systemd_unit: Option<String>,
     #[serde(default)]
     pub netbird: FileNetbird,
 }
@@ -581,6 +737,96 @@ pub struct RunSettings {
     pub once: bool,
     pub spool_max_entries: usize,
     pub spool_max_bytes: u64,
+    pub update: UpdateSettings,
+}
+
+/// Self-update settings after merging.
+#[derive(Debug, Clone)]
+pub struct UpdateSettings {
+    /// Parsed and validated trusted keys (empty: updates are refused and reported).
+    pub release_public_keys: Vec<nkudo_core::minisign::PublicKey>,
+    pub health_window: Duration,
+    pub stable_after: Duration,
+    pub max_starts: u32,
+    /// Bytes per second; `None`: unlimited.
+    pub download_rate_limit: Option<u64>,
+    pub restart_mode: RestartMode,
+    pub systemd_unit: String,
+}
+
+impl Default for UpdateSettings {
+    fn default() -> Self {
+        UpdateSettings {
+            release_public_keys: Vec::new(),
+            health_window: DEFAULT_UPDATE_HEALTH_WINDOW,
+            stable_after: DEFAULT_UPDATE_STABLE_AFTER,
+            max_starts: DEFAULT_UPDATE_MAX_STARTS,
+            download_rate_limit: None,
+            restart_mode: RestartMode::Auto,
+            systemd_unit: DEFAULT_SYSTEMD_UNIT.into(),
+        }
+    }
+}
+
+impl UpdateSettings {
+    pub fn resolve(a: &UpdateArgs, f: &FileConfig) -> Result<UpdateSettings, ConfigError> {
+        let texts: Vec<String> = if a.release_public_keys.iter().any(|k| !k.trim().is_empty()) {
+            a.release_public_keys.clone()
+        } else {
+            f.release_public_keys.clone().unwrap_or_default()
+        };
+        let mut keys = Vec::new();
+        for t in texts.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+            let k = nkudo_core::minisign::PublicKey::from_base64(t).map_err(|e| {
+                ConfigError(format!(
+                    "release public key {t:?} is not a minisign public key (the base64 line `RW...`): {e}"
+                ))
+            })?;
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        let health_window = a
+            .update_health_window
+            .or(f.update_health_window)
+            .unwrap_or(DEFAULT_UPDATE_HEALTH_WINDOW);
+        let stable_after = a
+            .update_stable_after
+            .or(f.update_stable_after)
+            .unwrap_or(DEFAULT_UPDATE_STABLE_AFTER);
+        if health_window < Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "update health window {health_window:?} is too short (at least 1s)"
+            )));
+        }
+        if stable_after >= health_window {
+            return Err(ConfigError(format!(
+                "update_stable_after ({stable_after:?}) must be shorter than update_health_window \
+                 ({health_window:?}): a new version could never commit"
+            )));
+        }
+        let max_starts = a
+            .update_max_starts
+            .or(f.update_max_starts)
+            .unwrap_or(DEFAULT_UPDATE_MAX_STARTS);
+        if max_starts == 0 {
+            return Err(ConfigError("update_max_starts must be at least 1".into()));
+        }
+        Ok(UpdateSettings {
+            release_public_keys: keys,
+            health_window,
+            stable_after,
+            max_starts,
+            download_rate_limit: a.update_download_rate_limit.or(f.update_download_rate_limit),
+            restart_mode: a.restart_mode.or(f.restart_mode).unwrap_or_default(),
+            systemd_unit: a
+                .update_systemd_unit
+                .clone()
+                .or_else(|| f.update_systemd_unit.clone())
+                .filter(|u| !u.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_SYSTEMD_UNIT.into()),
+        })
+    }
 }
 
 impl RunSettings {
@@ -620,6 +866,7 @@ impl RunSettings {
                 .or(f.spool_max_bytes)
                 .unwrap_or(DEFAULT_SPOOL_MAX_BYTES)
                 .max(64 * 1024),
+            update: UpdateSettings::resolve(&a.update, f)?,
         })
     }
 }

@@ -126,6 +126,16 @@ impl CpClient {
         &self.base
     }
 
+    /// The underlying HTTP client (mTLS identity and trust included), for streaming downloads.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The absolute URL of a control-plane path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
     pub async fn post<T: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, body: &T) -> Result<R, CpError> {
         let bytes = serde_json::to_vec(body).map_err(|e| CpError::Decode(format!("encode request: {e}")))?;
         let req = self

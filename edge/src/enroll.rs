@@ -57,7 +57,7 @@ pub async fn enroll(input: EnrollInput) -> Result<(), ExitError> {
         enrollment_token: input.token.clone(),
         hostname: input.hostname.clone(),
         requested_hostname: input.hostname.clone(),
-        agent_version: crate::agent::AGENT_VERSION.to_string(),
+        agent_version: nkudo_core::installed::reported_version().version.clone(),
         os,
         arch,
         kernel_version: hostfacts::kernel(),

@@ -21,6 +21,7 @@ pub mod mesh;
 pub mod pki;
 pub mod spool;
 pub mod state;
+pub mod update;
 pub mod vm;
 
 /// Exit codes of `nkudo-edge` (also in `--help`).
@@ -35,6 +36,8 @@ pub const EXIT_NOT_ENROLLED: i32 = 3;
 pub const EXIT_REVOKED: i32 = 4;
 /// The control plane could not be reached.
 pub const EXIT_UNREACHABLE: i32 = 5;
+/// Restart requested (self-update in exit mode): the service manager starts `<root>/current` again.
+pub const EXIT_RESTART: i32 = update::restart::EXIT_RESTART;
 
 /// An error that ends the process with `code`.
 #[derive(Debug, Clone)]

@@ -22,9 +22,12 @@ fn real_main(cli: Cli) -> Result<(), ExitError> {
         print_version();
         return Ok(());
     }
+    if let Command::UpdateWatch(a) = cli.command {
+        return nkudo_edge::update::watch::watch(a);
+    }
     let file = cli::load_config(cli.config.as_deref()).map_err(ExitError::usage)?;
     match cli.command {
-        Command::Version => Ok(()),
+        Command::Version | Command::UpdateWatch(_) => Ok(()),
         Command::Enroll(a) => {
             let token = cli::resolve_token(&a, &file).map_err(ExitError::usage)?;
             let input = enroll::EnrollInput {
