@@ -24,6 +24,7 @@ pub mod edge;
 pub mod harness;
 pub mod plans;
 pub mod rawtls;
+pub mod releases;
 
 pub use client::*;
 pub use csr::*;
