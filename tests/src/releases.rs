@@ -399,7 +399,9 @@ pub struct LayoutHost {
     /// The layout root (`releases/`, `current`, `previous`).
     pub layout_root: PathBuf,
     marker: String,
-    child: Option<Child>,
+    /// The first process of the latest spawn and its exit status once it ended (reaped at once by a thread, as a
+    /// service manager would, so that a dead agent is never left as a zombie that looks alive).
+    child: Option<(u32, Arc<Mutex<Option<std::process::ExitStatus>>>)>,
 }
 
 impl LayoutHost {
@@ -496,17 +498,15 @@ impl LayoutHost {
 
     /// [`LayoutHost::spawn`] with extra `run` arguments.
     pub fn spawn_with(&mut self, cp: &ControlPlane, extra: &[&str]) -> anyhow::Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if matches!(c.try_wait(), Ok(None)) {
-                bail!("agent already running");
-            }
+        if self.child.as_ref().is_some_and(|(_, st)| st.lock().unwrap().is_none()) {
+            bail!("agent already running");
         }
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(self.log_path())?;
         let out = log.try_clone()?;
-        let child = self
+        let mut child: Child = self
             .command(["run"])
             .args(self.edge.run_args(cp))
             .args(extra)
@@ -514,8 +514,22 @@ impl LayoutHost {
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("spawn {} run", self.agent_bin().display()))?;
-        self.child = Some(child);
+        let status = Arc::new(Mutex::new(None));
+        let st = status.clone();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            if let Ok(s) = child.wait() {
+                *st.lock().unwrap() = Some(s);
+            }
+        });
+        self.child = Some((pid, status));
         Ok(())
+    }
+
+    /// The exit status of the process started by the latest spawn, once it ended (`None` while it runs; in exec
+    /// restart mode the agent keeps that pid across versions).
+    pub fn spawned_exit(&self) -> Option<std::process::ExitStatus> {
+        self.child.as_ref().and_then(|(_, st)| *st.lock().unwrap())
     }
 
     /// The pid in `<state_dir>/agent.pid` (the process that is the agent now), when it is alive.
@@ -589,7 +603,8 @@ impl LayoutHost {
             })
             .unwrap_or_default();
         format!(
-            "==== host {} ====\nlayout: current={:?} previous={:?} installed={:?}\nagent.pid={:?} processes={:?}\n\
+            "==== host {} ====\nlayout: current={:?} previous={:?} installed={:?}\nagent.pid={:?} processes={:?} \
+             first spawned process exit={:?}\n\
              downloads: {downloads:?}\nupdate.json: {}\n---- update-watch.log (tail) ----\n{watch_tail}\n{}",
             self.edge.hostname,
             self.current_version(),
@@ -597,12 +612,13 @@ impl LayoutHost {
             self.installed_versions(),
             self.agent_pid(),
             self.processes(),
+            self.spawned_exit(),
             self.update_state(),
             self.edge.log_tail(6000),
         )
     }
 
-    /// Kills (SIGKILL) every process this host started, and reaps the first one.
+    /// Kills (SIGKILL) every process this host started.
     pub fn kill_all(&mut self) {
         for _ in 0..5 {
             let pids = self.processes();
@@ -617,9 +633,13 @@ impl LayoutHost {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some((pid, st)) = self.child.take() {
+            if st.lock().unwrap().is_none() && pid_alive(pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 
@@ -629,9 +649,6 @@ impl LayoutHost {
         Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
         let deadline = Instant::now() + timeout;
         while pid_alive(pid) {
-            if let Some(c) = self.child.as_mut() {
-                let _ = c.try_wait();
-            }
             if Instant::now() > deadline {
                 bail!(
                     "agent {pid} still alive {timeout:?} after SIGTERM\n{}",

@@ -406,14 +406,18 @@ async fn control_plane_killed_mid_download_the_agent_resumes() -> anyhow::Result
     assert_eq!(cp.base_url, format!("https://127.0.0.1:{port}"));
 
     wait_committed(&cp, &host, &id, B).await?;
-    // It resumed where it stopped: a Range request from the partial length, not a fresh download from 0.
+    // It resumed where it stopped (a `Range: bytes=<have>-` request), not a fresh download from byte 0: the agent
+    // logs `self-update: resuming <artifact> at byte <have>`.
     let log = host.log();
-    let resumed = log
+    let needle = format!("resuming {} at byte ", b.tarball_name);
+    let resumed_at: Vec<u64> = log
         .lines()
-        .any(|l| l.to_lowercase().contains("resum") || l.contains("Range") || l.contains("bytes="));
+        .filter_map(|l| l.split(&needle).nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
     assert!(
-        resumed,
-        "no sign of a resumed download (Range) in the agent log\n{}",
+        resumed_at.iter().any(|at| *at >= partial && *at < b.size),
+        "no resumed download from byte >= {partial} in the agent log (resumed at {resumed_at:?})\n{}",
         host.diagnostics()
     );
     assert_eq!(host.current_version().as_deref(), Some(B));
