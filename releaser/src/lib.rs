@@ -12,7 +12,9 @@
 //! * [`install`]: verify a release, then install it into the host layout (`nkudo_core::layout`);
 //! * [`lint`]: `lint-deploy`, floating image and version references in deployment files;
 //! * [`promote`]: a verified pre-release directory to a signed release directory, byte-identical artifacts;
-//! * [`verify`]: checks a release directory: every signature, hash, size and the expiry.
+//! * [`verify`]: checks a release directory: every signature, hash, size and the expiry;
+//! * [`rollout`]: `rollout plan|start|status|pause|resume|approve|abort` and fleet `rollback --to`, over the control
+//!   plane's admin API.
 //!
 //! Files are written atomically with `nkudo_core::fsutil::write_atomic` (temp, fsync, rename).
 
@@ -27,5 +29,6 @@ pub mod minisign;
 pub mod oci;
 pub mod package;
 pub mod promote;
+pub mod rollout;
 pub mod verify;
 pub mod version;
