@@ -947,6 +947,9 @@ pub async fn run(settings: RunSettings) -> Result<(), ExitError> {
     // Shutdown: the executor finishes its current action, then the spool is flushed.
     let reason = lock(&shared.stop_reason).clone().unwrap_or(Stop::Signal);
     let restarting = matches!(reason, Stop::Update | Stop::Restart);
+    if matches!(reason, Stop::Signal) && !once {
+        shared.updater.note_signal_stop();
+    }
     shared.stop(reason);
     if restarting {
         if tokio::time::timeout(SWITCH_ACTION_WAIT, exec_handle).await.is_err() {

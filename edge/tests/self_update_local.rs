@@ -163,10 +163,45 @@ impl Host {
     }
 
     fn spawn(&mut self, mode: &str) {
+        let cmd = self.command(&self.root.join("current/bin/nkudo-edge"), mode, "8s", "2s");
+        self.start(cmd);
+    }
+
+    /// Runs the agent under a supervisor that starts `current` again after every exit (like systemd's
+    /// `Restart=always`), in exit mode, with no systemctl on the PATH. Exit codes go to `<dir>/exits`.
+    fn spawn_supervised(&mut self, window: &str, stable: &str) {
+        let sup = self.dir.join("supervise.sh");
+        std::fs::write(
+            &sup,
+            format!(
+                "#!/bin/sh\nwhile true; do \"{}/current/bin/nkudo-edge\" \"$@\"; echo \"exit $?\" >> \"{}/exits\"; \
+                 sleep 0.2; done\n",
+                self.root.display(),
+                self.dir.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sup, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cmd = self.command(&sup, "exit", window, stable);
+        cmd.env("PATH", "/usr/bin:/bin:/nonexistent");
+        self.start(cmd);
+    }
+
+    fn exits(&self) -> String {
+        std::fs::read_to_string(self.dir.join("exits")).unwrap_or_default()
+    }
+
+    fn start(&mut self, mut cmd: Command) {
+        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    fn command(&self, program: &std::path::Path, mode: &str, window: &str, stable: &str) -> Command {
         let cfg = self.dir.join("edge.toml");
         std::fs::write(&cfg, "").unwrap();
-        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
-        let mut cmd = Command::new(self.root.join("current/bin/nkudo-edge"));
+        let mut cmd = Command::new(program);
         cmd.args([
             "run",
             "--control-plane",
@@ -185,15 +220,12 @@ impl Host {
         .arg("--netbird-enabled=false")
         .env("NKUDO_CONFIG", &cfg)
         .env("NKUDO_RELEASE_PUBLIC_KEYS", self.key.public_b64())
-        .env("NKUDO_UPDATE_HEALTH_WINDOW", "8s")
-        .env("NKUDO_UPDATE_STABLE_AFTER", "2s")
+        .env("NKUDO_UPDATE_HEALTH_WINDOW", window)
+        .env("NKUDO_UPDATE_STABLE_AFTER", stable)
         .env("NKUDO_RESTART_MODE", mode)
         .env("NKUDO_MAX_BACKOFF", "1s")
-        .env_remove("INVOCATION_ID")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        self.child = Some(cmd.spawn().unwrap());
+        .env_remove("INVOCATION_ID");
+        cmd
     }
 
     fn update_json(&self) -> Value {
@@ -371,46 +403,7 @@ async fn a_release_whose_binary_does_not_run_is_refused_before_the_switch() {
 #[tokio::test]
 async fn exit_mode_exits_75_and_the_supervisor_starts_the_new_version() {
     let mut h = Host::new().await;
-    // A supervisor like systemd's Restart=always: starts current again after every exit.
-    let sup = h.dir.join("supervise.sh");
-    std::fs::write(
-        &sup,
-        format!(
-            "#!/bin/sh\nwhile true; do \"{}/current/bin/nkudo-edge\" \"$@\"; echo \"exit $?\" >> \"{}/exits\"; sleep \
-             0.2; done\n",
-            h.root.display(),
-            h.dir.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&sup, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cfg = h.dir.join("edge.toml");
-    std::fs::write(&cfg, "").unwrap();
-    let log = std::fs::File::create(h.dir.join("agent.log")).unwrap();
-    let child = Command::new(&sup)
-        .args(["run", "--control-plane", &h.server.base, "--heartbeat-interval", "1s"])
-        .arg("--state-dir")
-        .arg(&h.state)
-        .arg("--pki-dir")
-        .arg(h.dir.join("pki"))
-        .arg("--runtime-dir")
-        .arg(h.dir.join("vms"))
-        .arg("--images-dir")
-        .arg(h.dir.join("images"))
-        .arg("--netbird-enabled=false")
-        .env("NKUDO_CONFIG", &cfg)
-        .env("NKUDO_RELEASE_PUBLIC_KEYS", h.key.public_b64())
-        .env("NKUDO_UPDATE_HEALTH_WINDOW", "8s")
-        .env("NKUDO_UPDATE_STABLE_AFTER", "2s")
-        .env("NKUDO_RESTART_MODE", "exit")
-        .env("PATH", "/nonexistent") // no systemctl for the watcher
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    h.child = Some(child);
+    h.spawn_supervised("8s", "2s");
     h.wait_heartbeat("A reports", Duration::from_secs(30), |v| v["agent_version"] == A)
         .await;
     h.offer(B, real_release(B));
@@ -418,7 +411,105 @@ async fn exit_mode_exits_75_and_the_supervisor_starts_the_new_version() {
         v["agent_version"] == B && phase(v) == "committed"
     })
     .await;
-    let exits = std::fs::read_to_string(h.dir.join("exits")).unwrap_or_default();
-    assert_eq!(exits.trim(), "exit 75", "{}", h.diagnostics());
+    assert_eq!(h.exits().trim(), "exit 75", "{}", h.diagnostics());
     assert_eq!(h.last()["update"]["restarts"], 0);
+}
+
+#[tokio::test]
+async fn a_release_that_keeps_crashing_is_rolled_back_by_the_start_counter() {
+    let mut h = Host::new().await;
+    h.spawn_supervised("60s", "10s");
+    h.wait_heartbeat("A reports", Duration::from_secs(30), |v| v["agent_version"] == A)
+        .await;
+    // The real agent, killed one second after every start (before it can commit).
+    let wrapper = script(
+        B,
+        "dir=$(dirname \"$0\")\n\"$dir/nkudo-edge.real\" \"$@\" &\npid=$!\nsleep 1\nkill -KILL $pid 2>/dev/null\nexit 137",
+    );
+    let real = std::fs::read(agent_bin()).unwrap();
+    h.offer(
+        B,
+        tarball(&[("bin/nkudo-edge", &wrapper, true), ("bin/nkudo-edge.real", &real, true)]),
+    );
+    h.wait_heartbeat("rolled back", Duration::from_secs(90), |v| {
+        v["agent_version"] == A && phase(v) == "rolled-back"
+    })
+    .await;
+    let err = h.last()["update"]["last_error"].as_str().unwrap_or("").to_string();
+    assert!(err.contains("crashed 3 times during the trial"), "{}", h.diagnostics());
+    assert_eq!(h.link("current").as_deref(), Some(A));
+    assert!(h.exits().contains("exit 137"), "{}", h.diagnostics());
+}
+
+#[tokio::test]
+async fn an_agent_stopped_during_its_trial_is_rolled_back_but_not_restarted() {
+    let mut h = Host::new().await;
+    let cmd = h.command(&h.root.join("current/bin/nkudo-edge"), "exec", "30s", "20s");
+    h.start(cmd);
+    h.wait_heartbeat("A reports", Duration::from_secs(30), |v| v["agent_version"] == A)
+        .await;
+    h.offer(B, real_release(B));
+    h.wait_heartbeat("B on trial", Duration::from_secs(60), |v| {
+        v["agent_version"] == B && phase(v) == "trial"
+    })
+    .await;
+    let pid = h.agent_pid().unwrap();
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if h.update_json()["phase"] == "rolled-back" && !pid_alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.update_json()["phase"], "rolled-back", "{}", h.diagnostics());
+    let err = h.update_json()["last_error"].as_str().unwrap_or("").to_string();
+    assert!(err.contains("stopped (signal) during the trial"), "{}", h.diagnostics());
+    assert_eq!(h.link("current").as_deref(), Some(A));
+    // Nothing was restarted: agent.pid names the stopped process.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.agent_pid(), Some(pid));
+    assert!(!pid_alive(pid));
+}
+
+#[tokio::test]
+async fn updates_are_refused_and_reported_without_keys_or_outside_a_layout() {
+    // No release key configured.
+    let mut h = Host::new().await;
+    let mut cmd = h.command(&h.root.join("current/bin/nkudo-edge"), "exec", "8s", "2s");
+    cmd.env_remove("NKUDO_RELEASE_PUBLIC_KEYS");
+    h.start(cmd);
+    h.wait_heartbeat("A reports", Duration::from_secs(30), |v| v["agent_version"] == A)
+        .await;
+    h.offer(B, real_release(B));
+    h.wait_heartbeat("failed", Duration::from_secs(30), |v| phase(v) == "failed")
+        .await;
+    let u = h.last()["update"].clone();
+    assert!(
+        u["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no release public key is configured"),
+        "{}",
+        h.diagnostics()
+    );
+    assert_eq!(u["attempt_to"], B);
+    assert_eq!(h.link("current").as_deref(), Some(A));
+
+    // Not running from a host layout.
+    let mut h = Host::new().await;
+    let cmd = h.command(&agent_bin(), "exec", "8s", "2s");
+    h.start(cmd);
+    let build = nkudo_core::build_info::VERSION;
+    h.wait_heartbeat("the build version reports", Duration::from_secs(30), |v| {
+        v["agent_version"] == build
+    })
+    .await;
+    h.offer("99.0.0", real_release("99.0.0"));
+    h.wait_heartbeat("failed", Duration::from_secs(30), |v| phase(v) == "failed")
+        .await;
+    let err = h.last()["update"]["last_error"].as_str().unwrap_or("").to_string();
+    assert!(err.contains("releaser install"), "{}", h.diagnostics());
 }

@@ -239,6 +239,21 @@ impl Updater {
         }
     }
 
+    /// `run` stops on a signal: during a trial, record it so that the watcher rolls back without restarting.
+    pub fn note_signal_stop(&self) {
+        if !self.on_trial() {
+            return;
+        }
+        let mut st = UpdateState::load(&self.state_dir).unwrap_or_else(|_| lock(&self.state).clone());
+        if st.phase == UpdatePhase::Trial && st.attempt_to.as_deref() == Some(self.running.as_str()) {
+            st.stopped_during_trial = true;
+            if let Err(e) = st.save(&self.state_dir) {
+                warn(&format!("cannot write the update state: {e}"));
+            }
+            *lock(&self.state) = st;
+        }
+    }
+
     /// A heartbeat succeeded (the health signal of a trial).
     pub fn heartbeat_ok(&self) {
         self.heartbeat_ok.store(true, Ordering::SeqCst);

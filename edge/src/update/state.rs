@@ -40,6 +40,9 @@ pub struct UpdateState {
     /// The health window of the trial, in seconds (for messages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_window_secs: Option<u64>,
+    /// The agent on trial was stopped by a signal (cleared at the next start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_during_trial: bool,
     /// Process starts of `attempt_to` during the trial.
     #[serde(default)]
     pub starts: u32,
@@ -129,6 +132,7 @@ impl UpdateState {
             self.restarts = 0;
         }
         self.agent_pid = Some(pid);
+        self.stopped_during_trial = false;
     }
 
     /// The trial of the attempt (`to`, `started_at`) is still under way.
@@ -222,8 +226,10 @@ pub enum WatchDecision {
     Wait,
     /// The trial is over without the watcher (committed, rolled back by the new version, or another attempt).
     Done,
-    /// Roll back: kill the agent if alive, switch `current` back, record the reason, restart the old version.
-    RollBack { reason: String },
+    /// Roll back: kill the agent if alive, switch `current` back, record the reason, and (`restart`) start the
+    /// old version. No restart when the agent on trial was stopped by a signal (an operator's stop): the next
+    /// start runs the previous version.
+    RollBack { reason: String, restart: bool },
 }
 
 /// The watcher's decision. `agent_alive` is `None` when the PID is not watched (systemd restarts the agent, so
@@ -240,6 +246,7 @@ pub fn watch_decision(
     if !state.is_trial_of(to, started_at) {
         return WatchDecision::Done;
     }
+    let restart = !state.stopped_during_trial;
     if state.starts > max_starts {
         return WatchDecision::RollBack {
             reason: format!(
@@ -247,12 +254,16 @@ pub fn watch_decision(
                  the previous version",
                 state.starts.saturating_sub(1)
             ),
+            restart,
         };
     }
     if agent_alive == Some(false) {
-        return WatchDecision::RollBack {
-            reason: format!("{to} exited during the trial, before a healthy heartbeat; back on the previous version"),
+        let reason = if state.stopped_during_trial {
+            format!("{to} was stopped (signal) during the trial, before it committed; back on the previous version")
+        } else {
+            format!("{to} exited during the trial, before a healthy heartbeat; back on the previous version")
         };
+        return WatchDecision::RollBack { reason, restart };
     }
     let late = match state.deadline() {
         Some(d) => now > d + chrono::Duration::from_std(grace).unwrap_or_default(),
@@ -261,6 +272,7 @@ pub fn watch_decision(
     if late {
         return WatchDecision::RollBack {
             reason: no_heartbeat_reason(to, state),
+            restart,
         };
     }
     WatchDecision::Wait
@@ -420,7 +432,9 @@ mod tests {
         );
         // The agent died before committing (exec mode).
         match watch_decision(&s, "1.1.0", &started, now, Some(false), 3, g) {
-            WatchDecision::RollBack { reason } => assert!(reason.contains("exited during the trial"), "{reason}"),
+            WatchDecision::RollBack { reason, restart: true } => {
+                assert!(reason.contains("exited during the trial"), "{reason}")
+            }
             d => panic!("{d:?}"),
         }
         // Deadline plus grace.
@@ -429,7 +443,18 @@ mod tests {
             WatchDecision::Wait
         );
         match watch_decision(&s, "1.1.0", &started, now + CDuration::seconds(63), Some(true), 3, g) {
-            WatchDecision::RollBack { reason } => assert!(reason.contains("within the health window (8s)"), "{reason}"),
+            WatchDecision::RollBack { reason, restart: true } => {
+                assert!(reason.contains("within the health window (8s)"), "{reason}")
+            }
+            d => panic!("{d:?}"),
+        }
+        // Stopped by a signal (an operator): rolled back, not restarted.
+        let stopped = UpdateState {
+            stopped_during_trial: true,
+            ..s.clone()
+        };
+        match watch_decision(&stopped, "1.1.0", &started, now, Some(false), 3, g) {
+            WatchDecision::RollBack { reason, restart: false } => assert!(reason.contains("stopped"), "{reason}"),
             d => panic!("{d:?}"),
         }
         // Too many starts.

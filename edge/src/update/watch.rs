@@ -9,6 +9,8 @@
 //!   new version if it is still alive, then restart the old one: exec mode → this process becomes the agent
 //!   (execv `<root>/current/bin/nkudo-edge` with the original `run` arguments; it writes its PID into
 //!   `agent.pid`); exit mode → `systemctl reset-failed` + `systemctl restart <unit>` when systemctl exists.
+//!   When the agent on trial was stopped by a signal (an operator's stop) the rollback happens but nothing is
+//!   restarted.
 
 use super::restart;
 use super::state::{watch_decision, UpdateState, WatchDecision};
@@ -34,7 +36,7 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
         a.agent_pid,
         mode.as_str()
     ));
-    let reason = loop {
+    let (reason, restart_agent) = loop {
         std::thread::sleep(WATCH_POLL);
         let st = match UpdateState::load(&a.state_dir) {
             Ok(s) => s,
@@ -62,7 +64,7 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
                 ));
                 return Ok(());
             }
-            WatchDecision::RollBack { reason } => break reason,
+            WatchDecision::RollBack { reason, restart } => break (reason, restart),
         }
     };
     error(&format!("update watcher: {reason}"));
@@ -90,6 +92,13 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
         if let Err(e) = st.save(&a.state_dir) {
             error(&format!("update watcher: cannot write the update state: {e}"));
         }
+    }
+    if !restart_agent {
+        if mode == RestartMode::Exec && restart::pid_alive(a.agent_pid) {
+            restart::terminate(a.agent_pid, KILL_GRACE);
+        }
+        info("update watcher: the agent was stopped during the trial; not restarting it (its next start runs the previous version)");
+        return Ok(());
     }
     match mode {
         RestartMode::Exit => {
