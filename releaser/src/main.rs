@@ -33,6 +33,8 @@ Exit codes:
   1  also: `lint-deploy` found a floating reference
   3  verification failed (`verify`: a tampered file, another key, an expired manifest, a missing file;
      `publish`: the local check of the directory, before anything is sent)
+  `rollout status --wait`: 0 completed, 3 rolled back, 4 aborted, 5 gate timeout; `rollout plan|start`: 2 for
+     an invalid policy file
 
 Signing keys: --key FILE, or $NKUDO_SIGNING_KEY_FILE, or the key file's content in $NKUDO_SIGNING_KEY (CI).
 An encrypted key's passphrase comes from $NKUDO_SIGNING_KEY_PASSPHRASE or is asked on the terminal. Key
@@ -85,7 +87,8 @@ enum Cmd {
     Install(InstallArgs),
     /// Point <root>/current at an installed version (previous keeps the old one).
     Activate(ActivateArgs),
-    /// Point <root>/current back at previous.
+    /// Point <root>/current back at previous (this host). With --to <version>: the fleet rollback (see
+    /// `releaser fleet-rollback --help`).
     Rollback(RollbackArgs),
     /// The installed versions, and which are current and previous.
     List(ListArgs),
@@ -98,6 +101,12 @@ enum Cmd {
     /// Register a release directory with a control plane's release registry (admin key): checks it locally,
     /// posts the signed manifest, uploads the artifacts it does not hold yet (or registers --external-base-url).
     Publish(PublishArgs),
+    /// Rollouts on a control plane (admin key): plan, start, status (--watch, --wait), pause, resume, approve, abort.
+    #[command(subcommand)]
+    Rollout(releaser::rollout::RolloutCommand),
+    /// Send the whole fleet (--fleet) or a selection (--tenant/--site/--ring/--agent) to a version, as a signed
+    /// rollback target (admin key). `releaser rollback --to <version> ...` runs this too.
+    FleetRollback(releaser::rollout::RollbackArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -429,8 +438,21 @@ struct PublishArgs {
     output: OutputArg,
 }
 
+/// `releaser rollback --to <version> ...` is the fleet rollback; `releaser rollback [--root ...]` the host's.
+fn route_rollback(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let is_rollback = args.get(1).is_some_and(|a| a == "rollback");
+    let has_to = args
+        .iter()
+        .skip(2)
+        .any(|a| a == "--to" || a.to_string_lossy().starts_with("--to="));
+    if is_rollback && has_to {
+        args[1] = "fleet-rollback".into();
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(route_rollback(std::env::args_os().collect()));
     let result = match cli.command {
         Cmd::Version(a) => cmd_version(a),
         Cmd::GitVersion(a) => cmd_git_version(a),
@@ -449,6 +471,8 @@ fn main() -> ExitCode {
         Cmd::Prune(a) => cmd_prune(a),
         Cmd::CheckCompat(a) => cmd_check_compat(a),
         Cmd::Publish(a) => cmd_publish(a),
+        Cmd::Rollout(c) => releaser::rollout::run_rollout_blocking(c),
+        Cmd::FleetRollback(a) => releaser::rollout::run_rollback_blocking(a),
     };
     match result {
         Ok(code) => code,
@@ -1209,6 +1233,28 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rollback_with_to_is_the_fleet_rollback() {
+        let args = |v: &[&str]| route_rollback(v.iter().map(|s| std::ffi::OsString::from(*s)).collect());
+        let fleet = Cli::try_parse_from(args(&[
+            "releaser",
+            "rollback",
+            "--to",
+            "1.3.0",
+            "--fleet",
+            "--url",
+            "https://x",
+            "--admin-key",
+            "k",
+        ]))
+        .unwrap();
+        assert!(matches!(fleet.command, Cmd::FleetRollback(ref a) if a.to == "1.3.0" && a.fleet));
+        let host = Cli::try_parse_from(args(&["releaser", "rollback", "--root", "/tmp/x"])).unwrap();
+        assert!(matches!(host.command, Cmd::Rollback(_)));
+        // `--to` after another subcommand is left alone.
+        assert_eq!(args(&["releaser", "verify", "--to"])[1], "verify");
     }
 
     #[test]
