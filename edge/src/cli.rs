@@ -953,6 +953,70 @@ mod tests {
         assert!(f.control_plane.is_some());
         assert_eq!(f.heartbeat_interval, Some(Duration::from_secs(15)));
         assert!(f.netbird.setup_key_file.is_some());
+        let u = UpdateSettings::resolve(&UpdateArgs::default(), &f).unwrap();
+        assert_eq!(u.health_window, DEFAULT_UPDATE_HEALTH_WINDOW);
+        assert_eq!(u.restart_mode, RestartMode::Auto);
+    }
+
+    #[test]
+    fn update_settings_merge_and_validate() {
+        // A test key (Ed25519 seed [7; 32], key id 07 01 02 ... 07).
+        let key = "RWQHAQIDBAUGB+pKbGPinFIKvvVQexMuxfmVR3auvr57kkIe6mkURtIs";
+        let f: FileConfig = toml::from_str(&format!(
+            "release_public_keys = [\"{key}\"]\nupdate_health_window = \"8s\"\nupdate_stable_after = 2\n\
+             update_max_starts = 5\nupdate_download_rate_limit = \"512k\"\nrestart_mode = \"exit\"\n"
+        ))
+        .unwrap();
+        let u = UpdateSettings::resolve(&UpdateArgs::default(), &f).unwrap();
+        assert_eq!(u.release_public_keys.len(), 1);
+        assert_eq!(u.release_public_keys[0].to_base64(), key);
+        assert_eq!(u.health_window, Duration::from_secs(8));
+        assert_eq!(u.stable_after, Duration::from_secs(2));
+        assert_eq!(u.max_starts, 5);
+        assert_eq!(u.download_rate_limit, Some(512 * 1024));
+        assert_eq!(u.restart_mode, RestartMode::Exit);
+        // The comma-separated environment form, as clap splits it.
+        let cli = Cli::try_parse_from(["nkudo-edge", "run", "--release-public-key", &format!("{key},{key}")]).unwrap();
+        let Command::Run(a) = cli.command else { panic!() };
+        assert_eq!(a.update.release_public_keys.len(), 2);
+        let u = UpdateSettings::resolve(&a.update, &FileConfig::default()).unwrap();
+        assert_eq!(u.release_public_keys.len(), 1, "duplicates collapse");
+        // Flags beat the file.
+        let cli = Cli::try_parse_from([
+            "nkudo-edge",
+            "run",
+            "--update-health-window",
+            "1m",
+            "--restart-mode",
+            "exec",
+            "--update-max-starts",
+            "2",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else { panic!() };
+        let f = FileConfig {
+            update_health_window: Some(Duration::from_secs(5)),
+            restart_mode: Some(RestartMode::Exit),
+            ..Default::default()
+        };
+        let u = UpdateSettings::resolve(&a.update, &f).unwrap();
+        assert_eq!(u.health_window, Duration::from_secs(60));
+        assert_eq!(u.restart_mode, RestartMode::Exec);
+        assert_eq!(u.max_starts, 2);
+        // Nonsense is refused.
+        let bad = UpdateArgs {
+            release_public_keys: vec!["nonsense".into()],
+            ..Default::default()
+        };
+        assert!(UpdateSettings::resolve(&bad, &FileConfig::default()).is_err());
+        let bad = UpdateArgs {
+            update_stable_after: Some(Duration::from_secs(200)),
+            ..Default::default()
+        };
+        assert!(UpdateSettings::resolve(&bad, &FileConfig::default()).is_err());
+        assert_eq!(parse_rate("2M").unwrap(), 2 * 1024 * 1024);
+        assert_eq!(parse_rate("1000").unwrap(), 1000);
+        assert!(parse_rate("0").is_err() && parse_rate("3x").is_err());
     }
 
     #[test]
