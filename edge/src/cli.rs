@@ -133,6 +133,9 @@ pub struct WatchArgs {
     pub attempt_to: String,
     #[arg(long)]
     pub attempt_started_at: String,
+    /// The trial deadline (RFC 3339), used when update.json cannot be read.
+    #[arg(long, default_value = "")]
+    pub deadline: String,
     /// exec or exit (already resolved).
     #[arg(long, value_enum)]
     pub restart_mode: RestartMode,

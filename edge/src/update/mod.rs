@@ -204,6 +204,17 @@ impl Updater {
     }
 
     fn save(&self) {
+        if self.on_trial() {
+            // During a trial the watcher may have decided (rolled back): never overwrite its decision.
+            if let Ok(disk) = UpdateState::load(&self.state_dir) {
+                let ours =
+                    disk.phase == UpdatePhase::Trial && disk.attempt_to.as_deref() == Some(self.running.as_str());
+                if !ours {
+                    *lock(&self.state) = disk;
+                    return;
+                }
+            }
+        }
         let st = lock(&self.state).clone();
         if let Err(e) = st.save(&self.state_dir) {
             error(&format!(
@@ -624,6 +635,8 @@ impl Updater {
             p.to.clone(),
             "--attempt-started-at".into(),
             p.attempt_started_at.clone(),
+            "--deadline".into(),
+            lock(&self.state).trial_deadline.clone().unwrap_or_default(),
             "--restart-mode".into(),
             mode.as_str().into(),
             "--max-starts".into(),

@@ -8,7 +8,9 @@
 //!   lock, only if it still points at the version on trial), record phase rolled-back with the reason, stop the
 //!   new version if it is still alive, then restart the old one: exec mode → this process becomes the agent
 //!   (execv `<root>/current/bin/nkudo-edge` with the original `run` arguments; it writes its PID into
-//!   `agent.pid`); exit mode → `systemctl reset-failed` + `systemctl restart <unit>` when systemctl exists.
+//!   `agent.pid`); exit mode → `systemctl reset-failed` + `systemctl restart <unit>` when systemd started the
+//!   agent (`INVOCATION_ID`) and systemctl exists, else stop the new version and leave the restart to the
+//!   supervisor.
 //!   When the agent on trial was stopped by a signal (an operator's stop) the rollback happens but nothing is
 //!   restarted.
 
@@ -41,8 +43,10 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
         let st = match UpdateState::load(&a.state_dir) {
             Ok(s) => s,
             Err(e) => {
-                warn(&format!("update watcher: cannot read the update state ({e}); retrying"));
-                continue;
+                // Decide on what the agent told us at the switch (the deadline), so a damaged file cannot
+                // leave an uncommitted version running for good.
+                warn(&format!("update watcher: cannot read the update state ({e})"));
+                fallback(&a)
             }
         };
         let alive = (mode == RestartMode::Exec).then(|| restart::pid_alive(a.agent_pid));
@@ -72,7 +76,7 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
     let layout = Layout::open(&a.root).map_err(|e| ExitError::new(EXIT_FAILURE, e.to_string()))?;
     {
         let guard = layout.lock().map_err(|e| ExitError::new(EXIT_FAILURE, e.to_string()))?;
-        let mut st = UpdateState::load(&a.state_dir).unwrap_or_default();
+        let mut st = UpdateState::load(&a.state_dir).unwrap_or_else(|_| fallback(&a));
         if !st.is_trial_of(&a.attempt_to, &a.attempt_started_at) {
             info("update watcher: the trial was decided meanwhile; exiting");
             return Ok(());
@@ -102,7 +106,9 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
     }
     match mode {
         RestartMode::Exit => {
-            if let Some(systemctl) = restart::systemctl() {
+            // systemd started the agent (INVOCATION_ID is inherited) and systemctl is there: ask systemd.
+            let under_systemd = std::env::var_os("INVOCATION_ID").is_some_and(|v| !v.is_empty());
+            if let Some(systemctl) = restart::systemctl().filter(|_| under_systemd) {
                 let unit = &a.systemd_unit;
                 let _ = std::process::Command::new(&systemctl)
                     .args(["reset-failed", unit])
@@ -121,7 +127,7 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
                 if let Some(pid) = restart::read_pid_file(&a.state_dir).filter(|p| looks_like_agent(*p)) {
                     restart::terminate(pid, KILL_GRACE);
                 }
-                info("update watcher: no systemctl; the agent's supervisor restarts it from current");
+                info("update watcher: not under systemd; the agent's supervisor restarts it from current");
                 Ok(())
             }
         }
@@ -145,6 +151,17 @@ pub fn watch(a: WatchArgs) -> Result<(), ExitError> {
                 format!("update watcher: cannot execute {}: {e}", target.display()),
             ))
         }
+    }
+}
+
+/// The trial as the agent described it at the switch (when update.json cannot be read).
+fn fallback(a: &WatchArgs) -> UpdateState {
+    UpdateState {
+        phase: nkudo_core::api::UpdatePhase::Trial,
+        attempt_to: Some(a.attempt_to.clone()),
+        attempt_started_at: Some(a.attempt_started_at.clone()),
+        trial_deadline: Some(a.deadline.clone()).filter(|d| !d.is_empty()),
+        ..Default::default()
     }
 }
 
