@@ -153,9 +153,14 @@ impl Host {
 
     /// Publishes `tar` as `version` at the stand-in and makes it the desired version.
     fn offer(&self, version: &str, tar: Vec<u8>) {
+        self.offer_with(version, tar, false)
+    }
+
+    fn offer_with(&self, version: &str, tar: Vec<u8>, rollback: bool) {
         let m = manifest(version, &tar, chrono::Utc::now() + chrono::Duration::days(1));
         let name = m.artifacts[0].name.clone();
-        let o = offer(&self.key, &m, &format!("/v1/releases/{version}/artifacts/{name}"));
+        let mut o = offer(&self.key, &m, &format!("/v1/releases/{version}/artifacts/{name}"));
+        o.rollback = rollback;
         let mut cp = self.cp.lock().unwrap();
         cp.artifacts.insert(name, tar);
         cp.offers.insert(version.into(), o);
@@ -512,4 +517,30 @@ async fn updates_are_refused_and_reported_without_keys_or_outside_a_layout() {
         .await;
     let err = h.last()["update"]["last_error"].as_str().unwrap_or("").to_string();
     assert!(err.contains("releaser install"), "{}", h.diagnostics());
+}
+
+#[tokio::test]
+async fn an_older_version_is_refused_until_it_is_named_a_rollback_target() {
+    let mut h = Host::new().await;
+    h.spawn("exec");
+    h.wait_heartbeat("A reports", Duration::from_secs(30), |v| v["agent_version"] == A)
+        .await;
+    let old = "0.0.9";
+    h.offer(old, real_release(old));
+    h.wait_heartbeat("refused", Duration::from_secs(30), |v| phase(v) == "failed")
+        .await;
+    let err = h.last()["update"]["last_error"].as_str().unwrap_or("").to_string();
+    assert!(err.contains("older") && err.contains("rollback"), "{}", h.diagnostics());
+    // Not retried while the offer stays the same.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(phase(&h.last()), "failed");
+    assert_eq!(h.link("current").as_deref(), Some(A));
+    // The same version named a rollback target: installed.
+    h.offer_with(old, real_release(old), true);
+    h.wait_heartbeat("rolled forward to the older version", Duration::from_secs(60), |v| {
+        v["agent_version"] == old && phase(v) == "committed"
+    })
+    .await;
+    assert_eq!(h.link("current").as_deref(), Some(old));
+    assert_eq!(h.link("previous").as_deref(), Some(A));
 }

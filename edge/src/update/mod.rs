@@ -319,7 +319,9 @@ impl Updater {
                 }
             }
             Some(offer) if !busy && !self.on_trial() => {
-                let refused = lock(&self.state).is_refused(&offer.version).is_some();
+                let refused = lock(&self.state)
+                    .is_refused(&offer.version, &state::offer_digest(offer))
+                    .is_some();
                 if !refused {
                     if let Err(why) = self.preconditions() {
                         changed |= self.report_refusal(&offer.version, &why);
@@ -416,6 +418,7 @@ impl Updater {
             }
             st.attempt_from = Some(self.running.clone());
             st.attempt_to = Some(version.clone());
+            st.attempt_offer = Some(state::offer_digest(&offer));
             st.phase = UpdatePhase::Downloading;
             st.last_error = None;
             st.trial_deadline = None;

@@ -20,6 +20,18 @@ pub struct Refused {
     pub version: String,
     pub reason: String,
     pub at: String,
+    /// The offer refused ([`offer_digest`]): the same version offered differently (re-signed, or named a rollback
+    /// target) is tried again. `None`: any offer of the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<String>,
+}
+
+/// What identifies an offer for the refusal memory: SHA-256 of the signed manifest text and the rollback mark.
+pub fn offer_digest(offer: &nkudo_core::api::UpdateOffer) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(offer.manifest.as_bytes());
+    ctx.update(if offer.rollback { b"\nrollback" } else { b"\nforward" });
+    super::verify::hex(ctx.finish().as_ref())
 }
 
 /// The update state file.
@@ -34,6 +46,9 @@ pub struct UpdateState {
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_started_at: Option<String>,
+    /// [`offer_digest`] of the offer the attempt follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_offer: Option<String>,
     /// RFC 3339: the trial must commit before this instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial_deadline: Option<String>,
@@ -92,17 +107,27 @@ impl UpdateState {
         fsutil::write_atomic(&Self::path(state_dir), &bytes, 0o600)
     }
 
-    pub fn is_refused(&self, version: &str) -> Option<&Refused> {
-        self.refused.iter().find(|r| r.version == version)
+    /// Whether the offer (`version`, [`offer_digest`]) was refused before.
+    pub fn is_refused(&self, version: &str, offer: &str) -> Option<&Refused> {
+        self.refused
+            .iter()
+            .find(|r| r.version == version && r.offer.as_deref().is_none_or(|o| o == offer))
     }
 
-    /// Remembers `version` as refused (not retried automatically).
+    /// Remembers `version` (the offer of the current attempt, when it is the one aimed at) as refused: not retried
+    /// automatically.
     pub fn refuse(&mut self, version: &str, reason: &str, now: &str) {
+        let offer = if self.attempt_to.as_deref() == Some(version) {
+            self.attempt_offer.clone()
+        } else {
+            None
+        };
         self.refused.retain(|r| r.version != version);
         self.refused.push(Refused {
             version: version.to_string(),
             reason: reason.to_string(),
             at: now.to_string(),
+            offer,
         });
         if self.refused.len() > MAX_REFUSED {
             let extra = self.refused.len() - MAX_REFUSED;
@@ -327,14 +352,20 @@ mod tests {
         assert!(s.set_desired(Some("1.1.0")));
         s.refuse("1.1.0", "rolled back", "t");
         assert!(!s.set_desired(Some("1.1.0")));
-        assert!(s.is_refused("1.1.0").is_some());
+        assert!(s.is_refused("1.1.0", "any").is_some());
         assert!(s.set_desired(Some("1.2.0")));
-        assert!(s.is_refused("1.1.0").is_none());
+        assert!(s.is_refused("1.1.0", "any").is_none());
+        // The offer of the attempt is remembered: another offer of the same version is tried again.
+        s.attempt_to = Some("1.2.0".into());
+        s.attempt_offer = Some("d1".into());
+        s.refuse("1.2.0", "older", "t");
+        assert!(s.is_refused("1.2.0", "d1").is_some());
+        assert!(s.is_refused("1.2.0", "d2").is_none());
         for i in 0..30 {
             s.refuse(&format!("2.0.{i}"), "x", "t");
         }
         assert_eq!(s.refused.len(), MAX_REFUSED);
-        assert!(s.is_refused("2.0.29").is_some());
+        assert!(s.is_refused("2.0.29", "x").is_some());
     }
 
     #[test]
@@ -412,7 +443,7 @@ mod tests {
             d => panic!("{d:?}"),
         }
         assert_eq!(s.phase, UpdatePhase::RolledBack);
-        assert!(s.is_refused("1.1.0").is_some());
+        assert!(s.is_refused("1.1.0", "x").is_some());
         assert_eq!(s.starts, 0);
     }
 
