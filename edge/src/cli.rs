@@ -147,8 +147,8 @@ pub struct WatchArgs {
     #[arg(long, default_value = "bin/nkudo-edge")]
     pub exe_rel: PathBuf,
     /// The original `run` arguments (without the program name).
-    #[arg(last = true, allow_hyphen_values = true)]
-    pub run_args: Vec<String>,
+    #[arg(last = true, allow_hyphen_values = true, value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub run_args: Vec<std::ffi::OsString>,
 }
 
 fn bool_flag() -> BoolishValueParser {

@@ -74,7 +74,7 @@ pub struct Updater {
     /// The binary's path inside its release directory (`bin/nkudo-edge`).
     exe_rel: PathBuf,
     /// The `run` arguments (without the program name), for the restart and the watcher.
-    run_args: Vec<String>,
+    run_args: Vec<std::ffi::OsString>,
     /// `run --once`: report only, never update.
     passive: bool,
     state: Mutex<UpdateState>,
@@ -127,7 +127,7 @@ impl Updater {
             running: rv.version.clone(),
             release,
             exe_rel,
-            run_args: std::env::args().skip(1).collect(),
+            run_args: std::env::args_os().skip(1).collect(),
             passive,
             state: Mutex::new(UpdateState::default()),
             task: Mutex::new(None),
@@ -626,28 +626,28 @@ impl Updater {
         }
         // The watcher runs the old, known-good binary.
         let old_exe = rel.dir.join(&self.exe_rel);
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "update-watch".into(),
             "--state-dir".into(),
-            self.state_dir.display().to_string(),
+            self.state_dir.clone().into_os_string(),
             "--root".into(),
-            rel.root.display().to_string(),
+            rel.root.clone().into_os_string(),
             "--agent-pid".into(),
-            std::process::id().to_string(),
+            std::process::id().to_string().into(),
             "--attempt-to".into(),
-            p.to.clone(),
+            p.to.clone().into(),
             "--attempt-started-at".into(),
-            p.attempt_started_at.clone(),
+            p.attempt_started_at.clone().into(),
             "--deadline".into(),
-            lock(&self.state).trial_deadline.clone().unwrap_or_default(),
+            lock(&self.state).trial_deadline.clone().unwrap_or_default().into(),
             "--restart-mode".into(),
             mode.as_str().into(),
             "--max-starts".into(),
-            self.settings.max_starts.to_string(),
+            self.settings.max_starts.to_string().into(),
             "--systemd-unit".into(),
-            self.settings.systemd_unit.clone(),
+            self.settings.systemd_unit.clone().into(),
             "--exe-rel".into(),
-            self.exe_rel.display().to_string(),
+            self.exe_rel.clone().into_os_string(),
             "--".into(),
         ];
         args.extend(self.run_args.iter().cloned());

@@ -10,14 +10,14 @@ pub const EXIT_RESTART: i32 = 75;
 
 /// Replaces this process with `exe` and `args` (argv[0] = `exe`), keeping the PID and the environment. Returns
 /// only on failure.
-pub fn exec(exe: &Path, args: &[String]) -> std::io::Error {
+pub fn exec(exe: &Path, args: &[std::ffi::OsString]) -> std::io::Error {
     use std::os::unix::ffi::OsStrExt;
     let Ok(path) = CString::new(exe.as_os_str().as_bytes()) else {
         return std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL");
     };
     let mut argv: Vec<CString> = vec![path.clone()];
     for a in args {
-        match CString::new(a.as_bytes()) {
+        match CString::new(a.as_os_str().as_bytes()) {
             Ok(c) => argv.push(c),
             Err(_) => return std::io::Error::new(std::io::ErrorKind::InvalidInput, "argument contains NUL"),
         }
@@ -36,7 +36,7 @@ pub fn exec(exe: &Path, args: &[String]) -> std::io::Error {
 
 /// Starts `exe args…` fully detached: its own session (setsid), reparented to init (double fork, so it is never
 /// the agent's zombie child), stdin from /dev/null, stdout and stderr appended to `log`.
-pub fn spawn_detached(exe: &Path, args: &[String], log: &Path) -> std::io::Result<()> {
+pub fn spawn_detached(exe: &Path, args: &[std::ffi::OsString], log: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
     let out = std::fs::OpenOptions::new()
@@ -171,7 +171,7 @@ mod tests {
             Path::new("/bin/sh"),
             &[
                 "-c".into(),
-                format!("echo hello; cut -d' ' -f6 /proc/$$/stat > {}", marker.display()),
+                format!("echo hello; cut -d' ' -f6 /proc/$$/stat > {}", marker.display()).into(),
             ],
             &log,
         )
