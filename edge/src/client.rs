@@ -95,7 +95,10 @@ impl CpClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(2)
-            .user_agent(concat!("nkudo-edge/", env!("CARGO_PKG_VERSION")));
+            .user_agent(format!(
+                "nkudo-edge/{}",
+                nkudo_core::installed::reported_version().version
+            ));
         for pem in &tls.roots_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("read CA certificates: {e}"))?;
             if certs.is_empty() {

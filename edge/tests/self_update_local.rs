@@ -544,3 +544,66 @@ async fn an_older_version_is_refused_until_it_is_named_a_rollback_target() {
     assert_eq!(h.link("current").as_deref(), Some(old));
     assert_eq!(h.link("previous").as_deref(), Some(A));
 }
+
+#[tokio::test]
+async fn a_download_interrupted_by_an_agent_restart_resumes() {
+    let mut h = Host::new().await;
+    let mut cmd = h.command(&h.root.join("current/bin/nkudo-edge"), "exec", "8s", "2s");
+    cmd.env("NKUDO_UPDATE_DOWNLOAD_RATE_LIMIT", "1M");
+    h.start(cmd);
+    h.wait_heartbeat("A reports", Duration::from_secs(30), |v| v["agent_version"] == A)
+        .await;
+    // Incompressible padding makes the tarball ~3 MiB: about 3 s at 1 MiB/s.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let padding: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let bin = std::fs::read(agent_bin()).unwrap();
+    let tar = tarball(&[("bin/nkudo-edge", &bin, true), ("share/padding.bin", &padding, false)]);
+    let size = tar.len() as u64;
+    h.offer(B, tar);
+    let part = h.state.join("downloads").join(format!("{}.part", artifact_name(B)));
+    let t0 = Instant::now();
+    while std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0) < 1 << 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no progress\n{}",
+            h.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Kill the agent mid-download (SIGKILL: no clean-up at all), then start it again.
+    let mut child = h.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let have = std::fs::metadata(&part).unwrap().len();
+    assert!(have < size);
+    assert_eq!(h.update_json()["phase"], "downloading");
+    let mut cmd = h.command(&h.root.join("current/bin/nkudo-edge"), "exec", "8s", "2s");
+    cmd.env("NKUDO_UPDATE_DOWNLOAD_RATE_LIMIT", "1M");
+    let log2 = std::fs::File::create(h.dir.join("agent2.log")).unwrap();
+    cmd.stdin(Stdio::null()).stdout(log2.try_clone().unwrap()).stderr(log2);
+    h.child = Some(cmd.spawn().unwrap());
+    h.wait_heartbeat("B committed", Duration::from_secs(60), |v| {
+        v["agent_version"] == B && phase(v) == "committed"
+    })
+    .await;
+    let log = std::fs::read_to_string(h.dir.join("agent2.log")).unwrap();
+    let needle = format!("resuming {} at byte ", artifact_name(B));
+    let at: u64 = log
+        .lines()
+        .find_map(|l| l.split(&needle).nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no resume in the log\n{log}"));
+    assert!(at >= have && at < size, "resumed at {at}, had {have} of {size}");
+    let reqs = h.server.requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter().any(|r| r.header("range") == Some(&format!("bytes={at}-"))),
+        "a Range request from byte {at}"
+    );
+}

@@ -39,7 +39,10 @@ pub fn plain_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .use_rustls_tls()
         .connect_timeout(crate::client::CONNECT_TIMEOUT)
-        .user_agent(concat!("nkudo-edge/", env!("CARGO_PKG_VERSION")))
+        .user_agent(format!(
+            "nkudo-edge/{}",
+            nkudo_core::installed::reported_version().version
+        ))
         .build()
         .map_err(|e| format!("build HTTP client: {}", crate::client::error_chain(&e)))
 }
