@@ -40,6 +40,9 @@ pub const TRIAL_RUN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WATCH_GRACE: Duration = Duration::from_secs(2);
 /// How often the watcher looks.
 pub const WATCH_POLL: Duration = Duration::from_millis(300);
+/// After a failure that is not remembered (a local error such as a full disk), the same version is tried again
+/// after this long at the earliest.
+pub const RETRY_AFTER_LOCAL_ERROR: Duration = Duration::from_secs(60);
 /// Releases kept after a commit: current and the two before it.
 pub const KEEP_RELEASES: usize = nkudo_core::layout::DEFAULT_KEEP;
 
@@ -80,6 +83,8 @@ pub struct Updater {
     state: Mutex<UpdateState>,
     task: Mutex<Option<(String, tokio::task::JoinHandle<()>)>>,
     prepared: Mutex<Option<Prepared>>,
+    /// A version that failed with a local error, and when it may be tried again.
+    cooldown: Mutex<Option<(String, Instant)>>,
     heartbeat_ok: AtomicBool,
     on_trial: AtomicBool,
     started: Instant,
@@ -132,6 +137,7 @@ impl Updater {
             state: Mutex::new(UpdateState::default()),
             task: Mutex::new(None),
             prepared: Mutex::new(None),
+            cooldown: Mutex::new(None),
             heartbeat_ok: AtomicBool::new(false),
             on_trial: AtomicBool::new(false),
             started: Instant::now(),
@@ -322,7 +328,10 @@ impl Updater {
                 let refused = lock(&self.state)
                     .is_refused(&offer.version, &state::offer_digest(offer))
                     .is_some();
-                if !refused {
+                let cooling = lock(&self.cooldown)
+                    .as_ref()
+                    .is_some_and(|(v, until)| *v == offer.version && Instant::now() < *until);
+                if !refused && !cooling {
                     if let Err(why) = self.preconditions() {
                         changed |= self.report_refusal(&offer.version, &why);
                     } else {
@@ -394,6 +403,9 @@ impl Updater {
             if remember {
                 st.refuse(version, reason, &now_rfc3339());
             }
+        }
+        if !remember {
+            *lock(&self.cooldown) = Some((version.to_string(), Instant::now() + RETRY_AFTER_LOCAL_ERROR));
         }
         self.save();
     }
@@ -548,15 +560,23 @@ impl Updater {
                 nkudo_core::installed::write_metadata(dir, &manifest_text, &sig_text)?;
                 Ok(())
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                // The release's own content is at fault (remembered); anything else is local (a full disk, the
+                // lock, permissions) and is tried again later.
+                let release_fault = matches!(
+                    e,
+                    nkudo_core::layout::LayoutError::Fill { .. } | nkudo_core::layout::LayoutError::Unsupported { .. }
+                );
+                (e.to_string(), release_fault)
+            })
         })
         .await
-        .unwrap_or_else(|e| Err(format!("install task failed: {e}")));
-        if let Err(e) = installed {
+        .unwrap_or_else(|e| Err((format!("install task failed: {e}"), false)));
+        if let Err((e, release_fault)) = installed {
             return self.fail(
                 &version,
                 &format!("install into {}: {e}", layout.root().display()),
-                true,
+                release_fault,
             );
         }
         // The pre-switch trial run.
