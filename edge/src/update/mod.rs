@@ -91,17 +91,10 @@ pub struct Updater {
     events: mpsc::UnboundedSender<UpdateEvent>,
 }
 
-/// The binary's path relative to its release directory.
-fn exe_rel_of(release: &InstalledRelease) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| std::fs::canonicalize(e).ok())
-        .and_then(|e| {
-            let dir = std::fs::canonicalize(&release.dir).ok()?;
-            e.strip_prefix(dir).ok().map(Path::to_path_buf)
-        })
-        .unwrap_or_else(|| PathBuf::from("bin/nkudo-edge"))
-}
+/// The agent's entry point inside a release directory: what the service manager starts (through `current`) and
+/// what every restart, trial run and watcher goes through. Always this path, even when the running binary is
+/// another file of the release (a wrapper's target): a release is entered the way systemd enters it.
+pub const ENTRY_POINT: &str = "bin/nkudo-edge";
 
 impl Updater {
     /// Creates the updater at the very start of `run`: counts the start, writes `agent.pid`, and applies the start
@@ -114,10 +107,7 @@ impl Updater {
     ) -> Result<(Arc<Updater>, mpsc::UnboundedReceiver<UpdateEvent>), ExitError> {
         let rv = nkudo_core::installed::reported_version();
         let release = rv.release.clone();
-        let exe_rel = release
-            .as_ref()
-            .map(exe_rel_of)
-            .unwrap_or_else(|| PathBuf::from("bin/nkudo-edge"));
+        let exe_rel = PathBuf::from(ENTRY_POINT);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut st = match UpdateState::load(state_dir) {
             Ok(s) => s,
