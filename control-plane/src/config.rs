@@ -39,6 +39,10 @@ pub struct Config {
     pub json_logs: bool,
     /// Operator floor for agent versions (`MINIMUM_AGENT_VERSION`); it can only narrow the N/N-1 rule.
     pub minimum_agent_version: Option<semver::Version>,
+    /// `PROMETHEUS_URL`: where rollout triggers run their PromQL (absent: the builtin statistics).
+    pub prometheus_url: Option<String>,
+    /// `ROLLOUT_TICK`: how often the rollout controller takes a step (default 1s).
+    pub rollout_tick: Duration,
 }
 
 /// Minimum length of an admin key in production mode.
@@ -117,6 +121,17 @@ impl Config {
             heartbeat_offline_after: dur("HEARTBEAT_OFFLINE_AFTER", "60s")?,
             offline_sweep_interval: dur("OFFLINE_SWEEP_INTERVAL", "15s")?,
             heartbeat_flush_interval: dur("HEARTBEAT_FLUSH_INTERVAL", "1s")?,
+            prometheus_url: match var("PROMETHEUS_URL") {
+                None => None,
+                Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+                Some(u) => {
+                    return Err(ConfigError::Invalid {
+                        var: "PROMETHEUS_URL",
+                        message: format!("{u:?} is not an http(s) URL"),
+                    })
+                }
+            },
+            rollout_tick: dur("ROLLOUT_TICK", "1s")?,
             plan_lease_ttl: dur("PLAN_LEASE_TTL", "45s")?,
             max_pending_plans: num("MAX_PENDING_PLANS", 2)?,
             enroll_rate_per_minute: num("ENROLL_RATE_LIMIT_PER_MINUTE", 10)?,

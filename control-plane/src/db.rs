@@ -32,11 +32,18 @@ struct Migration {
 }
 
 /// Append-only. A release's schema must keep working with the previous release's code (expand/contract).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: "0001_init",
-    sqlite: include_str!("../migrations/sqlite/0001_init.sql"),
-    postgres: include_str!("../migrations/postgres/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: "0001_init",
+        sqlite: include_str!("../migrations/sqlite/0001_init.sql"),
+        postgres: include_str!("../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: "0003_rollouts",
+        sqlite: include_str!("../migrations/sqlite/0003_rollouts.sql"),
+        postgres: include_str!("../migrations/postgres/0003_rollouts.sql"),
+    },
+];
 
 /// Advisory lock key that serialises migrations across control-plane replicas on Postgres.
 const MIGRATION_LOCK_KEY: i64 = 0x6e6b_7564_6f01;

@@ -13,6 +13,7 @@ mod metrics;
 mod pki;
 mod plans;
 mod ratelimit;
+mod rollout;
 mod routes;
 mod server;
 mod state;
@@ -211,9 +212,11 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen_addr))?;
     let local = listener.local_addr()?;
+    let metrics = metrics::Metrics::new();
+    let metrics_registry = &metrics.registry().clone();
     let state = Arc::new(state::AppState {
         enroll_limiter: ratelimit::RateLimiter::per_minute(cfg.enroll_rate_per_minute, cfg.enroll_rate_burst),
-        metrics: metrics::Metrics::new(),
+        metrics,
         agents: agents::AgentCache::default(),
         open_plan_sites: plans::OpenPlanSites::default(),
         heartbeats: heartbeat_buffer::HeartbeatBuffer::default(),
@@ -222,6 +225,8 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         admin_key,
         policy,
         min_agent_version,
+        rollout_source: rollout::source::Source::from_config(cfg.prometheus_url.as_deref()),
+        rollout_metrics: rollout::RolloutMetrics::register(metrics_registry),
         cfg: cfg.clone(),
     });
     if let Err(e) = sweeper::refresh_version_gauge(&state).await {
@@ -255,6 +260,7 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(sweeper::run(state.clone(), stop_rx.clone()));
+    let controller = tokio::spawn(rollout::controller::run(state.clone(), stop_rx.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received; stopping");
@@ -271,6 +277,9 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     // The background task flushes buffered heartbeats on its way out.
     if let Err(e) = background.await {
         tracing::error!(error = %e, "background task");
+    }
+    if let Err(e) = controller.await {
+        tracing::error!(error = %e, "rollout controller");
     }
     db.pool.close().await;
     tracing::info!("stopped");

@@ -28,9 +28,16 @@ pub struct Metrics {
     pub heartbeat_flush_rows: IntCounter,
     pub heartbeat_flush_errors: IntCounter,
     pub agents_marked_offline: IntCounter,
+    /// Finished plan executions by result and the version of the agent that ran them.
+    pub plan_executions: IntCounterVec,
 }
 
 impl Metrics {
+    /// The registry `/metrics` gathers (other modules register their own metrics into it).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let enrollments = IntCounterVec::new(
@@ -98,8 +105,17 @@ impl Metrics {
             "Agents the sweeper marked OFFLINE for a missing heartbeat",
         )
         .expect("metric");
+        let plan_executions = IntCounterVec::new(
+            Opts::new(
+                "nkudo_plan_executions_total",
+                "Finished plan executions by result and the agent version that ran them",
+            ),
+            &["result", "agent_version"],
+        )
+        .expect("metric");
         for c in [
             Box::new(enrollments.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(plan_executions.clone()),
             Box::new(heartbeat_ingest.clone()),
             Box::new(heartbeats.clone()),
             Box::new(unsupported_agent_heartbeats.clone()),
@@ -128,6 +144,7 @@ impl Metrics {
             heartbeat_flush_rows,
             heartbeat_flush_errors,
             agents_marked_offline,
+            plan_executions,
         }
     }
 

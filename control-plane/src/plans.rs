@@ -430,15 +430,39 @@ pub fn parse_state(s: &str) -> Option<&'static str> {
     }
 }
 
+/// What [`apply_transitions`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Executions that changed.
+    pub changed: usize,
+    /// Executions that reached SUCCEEDED or FAILED now, with the version of the agent that ran them (for
+    /// `nkudo_plan_executions_total{result,agent_version}`, which rollout triggers compare across versions).
+    pub finished: Vec<(&'static str, String)>,
+}
+
+impl Applied {
+    /// Counts the finished executions in `nkudo_plan_executions_total` (call after the commit).
+    pub fn count(&self, metrics: &crate::metrics::Metrics) {
+        for (state, version) in &self.finished {
+            let result = if *state == "SUCCEEDED" { "succeeded" } else { "failed" };
+            metrics
+                .plan_executions
+                .with_label_values(&[result, version.as_str()])
+                .inc();
+        }
+    }
+}
+
 /// Applies transitions of executions of the agent's site, forward only, then rolls up the plans touched and
-/// moves their VMs. Returns how many executions changed.
+/// moves their VMs. A finished execution records the version of the agent that ran it.
 pub async fn apply_transitions(
     conn: &mut AnyConnection,
     who: &Lessee<'_>,
     transitions: &[Transition],
-) -> Result<usize, sqlx::Error> {
+) -> Result<Applied, sqlx::Error> {
     let now = now_ms();
     let mut changed = 0;
+    let mut finished = Vec::new();
     let mut plans_touched: Vec<String> = Vec::new();
     for t in transitions {
         let (code, message) = if t.state == "FAILED" {
@@ -467,9 +491,10 @@ pub async fn apply_transitions(
         let completed = if t.state == "IN_PROGRESS" { None } else { Some(now) };
         let row = sqlx::query(&format!(
             "UPDATE executions SET state = $1, error_code = $2, error_message = $3, host_id = $4, agent_id = $5, \
-             started_at = COALESCE(started_at, $6), completed_at = COALESCE($7, completed_at), updated_at = $6 \
+             started_at = COALESCE(started_at, $6), completed_at = COALESCE($7, completed_at), updated_at = $6, \
+             agent_version = (SELECT agent_version FROM agents WHERE id = $5) \
              WHERE id = $8 AND tenant_id = $9 AND site_id = $10 AND state IN {allowed_from} \
-             RETURNING plan_id, vm_id, operation_type"
+             RETURNING plan_id, vm_id, operation_type, agent_version"
         ))
         .bind(t.state)
         .bind(code)
@@ -488,6 +513,10 @@ pub async fn apply_transitions(
         let plan_id: String = row.try_get(0)?;
         let vm_id: Option<String> = row.try_get(1)?;
         let op: String = row.try_get(2)?;
+        if t.state == "SUCCEEDED" || t.state == "FAILED" {
+            let version: Option<String> = row.try_get(3)?;
+            finished.push((t.state, version.unwrap_or_default()));
+        }
         if let Some(vm) = vm_id {
             let vm_state = match (t.state, op.as_str()) {
                 ("FAILED", _) => Some("ERROR"),
@@ -508,7 +537,7 @@ pub async fn apply_transitions(
     for plan in &plans_touched {
         roll_up(conn, plan, now).await?;
     }
-    Ok(changed)
+    Ok(Applied { changed, finished })
 }
 
 async fn set_vm_state(

@@ -24,4 +24,7 @@ pub struct AppState {
     /// This control plane's version and the agent versions it supports (N/N-1, `MINIMUM_AGENT_VERSION`).
     pub policy: nkudo_core::version::SupportPolicy,
     pub min_agent_version: String,
+    /// Where rollout triggers read their values (Prometheus or the builtin statistics).
+    pub rollout_source: crate::rollout::source::Source,
+    pub rollout_metrics: crate::rollout::RolloutMetrics,
 }

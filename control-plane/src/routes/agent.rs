@@ -174,8 +174,9 @@ pub async fn heartbeat(
                 .bind(&auth.agent.id)
                 .execute(&mut *tx)
                 .await?;
-            crate::plans::apply_transitions(&mut tx, &who, &transitions).await?;
+            let applied = crate::plans::apply_transitions(&mut tx, &who, &transitions).await?;
             tx.commit().await?;
+            applied.count(&state.metrics);
         }
     }
     let pending_plans = super::agent_plans::lease_for(&state, &auth).await?;

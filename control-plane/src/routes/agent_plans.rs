@@ -128,8 +128,10 @@ pub async fn report_results(
     if transitions.is_empty() {
         return Err(ApiError::not_found("execution"));
     }
-    let changed = plans::apply_transitions(&mut tx, &who, &transitions).await?;
+    let applied = plans::apply_transitions(&mut tx, &who, &transitions).await?;
     tx.commit().await?;
+    applied.count(&state.metrics);
+    let changed = applied.changed;
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "status": "accepted", "applied": changed, "unknown": unknown })),

@@ -21,7 +21,23 @@ const MAX_LABELS: usize = 64;
 
 fn refuse(state: &SharedState, result: &'static str, err: ApiError) -> ApiError {
     state.metrics.enrollments.with_label_values(&[result]).inc();
+    record_attempt(state, result);
     err
+}
+
+/// Keeps the attempt for the builtin rollout statistics (enrollment failure rate), off the request path.
+pub fn record_attempt(state: &SharedState, result: &'static str) {
+    let db = state.db.clone();
+    tokio::spawn(async move {
+        let r = sqlx::query("INSERT INTO enrollment_attempts (at, result) VALUES ($1, $2)")
+            .bind(crate::util::now_ms())
+            .bind(result)
+            .execute(&db.pool)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "recording an enrollment attempt");
+        }
+    });
 }
 
 /// A CSR the client got wrong: 400 `INVALID_CSR` with the reason.
@@ -287,6 +303,7 @@ pub async fn enroll(
         agent_version: version.to_string(),
     });
     state.metrics.enrollments.with_label_values(&["success"]).inc();
+    record_attempt(&state, "success");
     tracing::info!(%tenant_id, %site_id, %agent_id, %hostname, "agent enrolled");
     let interval = state.cfg.heartbeat_interval_secs();
     Ok(Json(EnrollResponse {

@@ -6,6 +6,7 @@ mod agent_plans;
 mod enroll;
 mod health;
 mod plans;
+mod rollouts;
 mod tenant;
 
 use crate::error::ApiError;
@@ -63,6 +64,20 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/executions/result", post(agent_plans::report_results))
         .route("/agents/logs", post(agent_plans::agent_logs))
         .route("/v1/logs", post(agent_plans::v1_log))
+        // rollouts (admin)
+        .route(
+            "/admin/rollouts",
+            post(rollouts::start_rollout).get(rollouts::list_rollouts),
+        )
+        .route("/admin/rollouts/plan", post(rollouts::plan_rollout))
+        .route("/admin/rollouts/{id}", get(rollouts::get_rollout))
+        .route("/admin/rollouts/{id}/decisions", get(rollouts::rollout_decisions))
+        .route("/admin/rollouts/{id}/pause", post(rollouts::pause_rollout))
+        .route("/admin/rollouts/{id}/resume", post(rollouts::resume_rollout))
+        .route("/admin/rollouts/{id}/approve", post(rollouts::approve_rollout))
+        .route("/admin/rollouts/{id}/abort", post(rollouts::abort_rollout))
+        .route("/admin/rollback", post(rollouts::fleet_rollback))
+        .route("/admin/releases/{version}/bad", delete(rollouts::clear_bad))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
