@@ -43,6 +43,37 @@ pub struct Config {
     pub prometheus_url: Option<String>,
     /// `ROLLOUT_TICK`: how often the rollout controller takes a step (default 1s).
     pub rollout_tick: Duration,
+    /// `RELEASE_PUBLIC_KEYS` (comma-separated minisign public keys) and `RELEASE_PUBLIC_KEYS_FILE` (minisign
+    /// `.pub` files' text or one key per line): the keys a published release manifest must be signed with.
+    pub release_public_keys: Vec<nkudo_core::minisign::PublicKey>,
+}
+
+/// Reads release public keys from a comma-separated list and/or a file (each key a base64 `RW...` line,
+/// `untrusted comment:` lines skipped).
+pub fn parse_release_keys(
+    list: Option<&str>,
+    file_text: Option<&str>,
+) -> Result<Vec<nkudo_core::minisign::PublicKey>, String> {
+    let mut keys = Vec::new();
+    let lines = list
+        .into_iter()
+        .flat_map(|l| l.split(','))
+        .chain(file_text.into_iter().flat_map(|t| t.lines()));
+    for raw in lines {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with("untrusted comment:") || line.starts_with('#') {
+            continue;
+        }
+        let key = nkudo_core::minisign::PublicKey::from_base64(line)
+            .map_err(|e| format!("{line:?} is not a minisign public key: {e}"))?;
+        if !keys
+            .iter()
+            .any(|k: &nkudo_core::minisign::PublicKey| k.key_id == key.key_id)
+        {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
 }
 
 /// Minimum length of an admin key in production mode.
@@ -132,6 +163,21 @@ impl Config {
                 }
             },
             rollout_tick: dur("ROLLOUT_TICK", "1s")?,
+            release_public_keys: {
+                let file = match var("RELEASE_PUBLIC_KEYS_FILE") {
+                    None => None,
+                    Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| ConfigError::Invalid {
+                        var: "RELEASE_PUBLIC_KEYS_FILE",
+                        message: format!("reading {path}: {e}"),
+                    })?),
+                };
+                parse_release_keys(var("RELEASE_PUBLIC_KEYS").as_deref(), file.as_deref()).map_err(|message| {
+                    ConfigError::Invalid {
+                        var: "RELEASE_PUBLIC_KEYS",
+                        message,
+                    }
+                })?
+            },
             plan_lease_ttl: dur("PLAN_LEASE_TTL", "45s")?,
             max_pending_plans: num("MAX_PENDING_PLANS", 2)?,
             enroll_rate_per_minute: num("ENROLL_RATE_LIMIT_PER_MINUTE", 10)?,

@@ -39,6 +39,11 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("../migrations/postgres/0001_init.sql"),
     },
     Migration {
+        version: "0002_releases",
+        sqlite: include_str!("../migrations/sqlite/0002_releases.sql"),
+        postgres: include_str!("../migrations/postgres/0002_releases.sql"),
+    },
+    Migration {
         version: "0003_rollouts",
         sqlite: include_str!("../migrations/sqlite/0003_rollouts.sql"),
         postgres: include_str!("../migrations/postgres/0003_rollouts.sql"),

@@ -44,6 +44,10 @@ pub struct PendingHeartbeat {
     pub netbird: Option<NetbirdStatus>,
     /// `None` when the heartbeat carried no `microvms` key at all.
     pub microvms: Option<Vec<VmSnapshot>>,
+    /// The version the binary was built as, when it differs from the installed one it reports.
+    pub build_version: Option<String>,
+    /// The self-update state (JSON of `UpdateStatus`).
+    pub update_json: Option<String>,
 }
 
 impl PendingHeartbeat {
@@ -64,6 +68,8 @@ impl PendingHeartbeat {
             cloud_hypervisor_available,
             host_facts,
             netbird,
+            build_version,
+            update_json,
             microvms
         );
         self.seq = match (self.seq, older.seq) {
@@ -147,7 +153,9 @@ async fn write_batch(db: &Db, batch: &HashMap<String, PendingHeartbeat>) -> Resu
             "UPDATE agents SET agent_version = COALESCE($1, agent_version), os = COALESCE($2, os), \
              arch = COALESCE($3, arch), kernel_version = COALESCE($4, kernel_version), state = 'ONLINE', \
              last_heartbeat_at = $5, heartbeat_seq = CASE WHEN heartbeat_seq > $6 THEN heartbeat_seq ELSE $6 END, \
-             netbird_json = COALESCE($7, netbird_json), updated_at = $8 WHERE id = $9 AND revoked_at IS NULL",
+             netbird_json = COALESCE($7, netbird_json), updated_at = $8, \
+             build_version = CASE WHEN $1 IS NULL THEN build_version ELSE $10 END, \
+             update_json = COALESCE($11, update_json) WHERE id = $9 AND revoked_at IS NULL",
         )
         .bind(hb.agent_version.as_deref())
         .bind(hb.os.as_deref())
@@ -158,6 +166,8 @@ async fn write_batch(db: &Db, batch: &HashMap<String, PendingHeartbeat>) -> Resu
         .bind(netbird)
         .bind(now)
         .bind(&hb.agent_id)
+        .bind(hb.build_version.as_deref())
+        .bind(hb.update_json.as_deref())
         .execute(&mut *tx)
         .await?;
         let facts = hb.host_facts.as_ref().and_then(|f| serde_json::to_string(f).ok());
@@ -242,6 +252,8 @@ mod tests {
             host_facts: None,
             netbird: None,
             microvms: None,
+            build_version: None,
+            update_json: None,
         }
     }
 

@@ -13,6 +13,7 @@ mod metrics;
 mod pki;
 mod plans;
 mod ratelimit;
+mod releases;
 mod rollout;
 mod routes;
 mod server;
@@ -227,8 +228,18 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         min_agent_version,
         rollout_source: rollout::source::Source::from_config(cfg.prometheus_url.as_deref()),
         rollout_metrics: rollout::RolloutMetrics::register(metrics_registry),
+        desired: Default::default(),
+        recorded_outcomes: Default::default(),
         cfg: cfg.clone(),
     });
+    state
+        .desired
+        .load(&state.db.pool)
+        .await
+        .context("loading desired versions, releases and labels")?;
+    if state.cfg.release_public_keys.is_empty() {
+        tracing::warn!("no RELEASE_PUBLIC_KEYS: publishing releases is refused until keys are configured");
+    }
     if let Err(e) = sweeper::refresh_version_gauge(&state).await {
         tracing::warn!(error = %e, "initial agent version gauge");
     }
@@ -261,6 +272,7 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(sweeper::run(state.clone(), stop_rx.clone()));
     let controller = tokio::spawn(rollout::controller::run(state.clone(), stop_rx.clone()));
+    tokio::spawn(releases::refresh_loop(state.clone(), stop_rx.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received; stopping");

@@ -30,6 +30,14 @@ pub struct Metrics {
     pub agents_marked_offline: IntCounter,
     /// Finished plan executions by result and the version of the agent that ran them.
     pub plan_executions: IntCounterVec,
+    /// Self-update outcomes by from/to version and result (committed, rolled-back, failed), once per attempt.
+    pub agent_upgrades: IntCounterVec,
+    /// Agent process restarts by version (from the agents' update status).
+    pub agent_restarts: IntCounterVec,
+    /// Agents by tenant, site, ring, environment and version (recomputed periodically).
+    pub agent_info: prometheus::IntGaugeVec,
+    /// Pre-release offers withheld from production agents (defence in depth behind PRERELEASE_IN_PRODUCTION).
+    pub prerelease_offers_refused: IntCounter,
 }
 
 impl Metrics {
@@ -113,9 +121,39 @@ impl Metrics {
             &["result", "agent_version"],
         )
         .expect("metric");
+        let agent_upgrades = IntCounterVec::new(
+            Opts::new(
+                "nkudo_agent_upgrades_total",
+                "Agent self-update outcomes by from/to version and result",
+            ),
+            &["from", "to", "result"],
+        )
+        .expect("metric");
+        let agent_restarts = IntCounterVec::new(
+            Opts::new("nkudo_agent_restarts_total", "Agent process restarts by version"),
+            &["version"],
+        )
+        .expect("metric");
+        let agent_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "nkudo_agent_info",
+                "Enrolled agents by tenant, site, ring, environment and reported version",
+            ),
+            &["tenant", "site", "ring", "environment", "version"],
+        )
+        .expect("metric");
+        let prerelease_offers_refused = IntCounter::new(
+            "nkudo_prerelease_offers_refused_total",
+            "Pre-release offers withheld from production agents",
+        )
+        .expect("metric");
         for c in [
             Box::new(enrollments.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(plan_executions.clone()),
+            Box::new(agent_upgrades.clone()),
+            Box::new(agent_restarts.clone()),
+            Box::new(agent_info.clone()),
+            Box::new(prerelease_offers_refused.clone()),
             Box::new(heartbeat_ingest.clone()),
             Box::new(heartbeats.clone()),
             Box::new(unsupported_agent_heartbeats.clone()),
@@ -145,6 +183,10 @@ impl Metrics {
             heartbeat_flush_errors,
             agents_marked_offline,
             plan_executions,
+            agent_upgrades,
+            agent_restarts,
+            agent_info,
+            prerelease_offers_refused,
         }
     }
 

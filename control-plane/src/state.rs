@@ -27,4 +27,7 @@ pub struct AppState {
     /// Where rollout triggers read their values (Prometheus or the builtin statistics).
     pub rollout_source: crate::rollout::source::Source,
     pub rollout_metrics: crate::rollout::RolloutMetrics,
+    /// Desired versions, releases and agent labels, refreshed every second for the heartbeat path.
+    pub desired: crate::releases::desired::DesiredCache,
+    pub recorded_outcomes: crate::releases::offer::Recorded,
 }

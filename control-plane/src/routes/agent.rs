@@ -149,7 +149,10 @@ pub async fn heartbeat(
         host_facts: facts,
         netbird: hb.netbird_status,
         microvms,
+        build_version: text(hb.build_version)?,
+        update_json: hb.update.as_ref().and_then(|u| serde_json::to_string(u).ok()),
     };
+    let arch_reported = pending.arch.clone();
     state.heartbeats.push(pending);
 
     // Execution progress must not be lost: written before the answer, unlike the coalesced part above.
@@ -201,6 +204,23 @@ pub async fn heartbeat(
     if !supported {
         state.metrics.unsupported_agent_heartbeats.inc();
     }
+    if let Some(update) = &hb.update {
+        if let Err(e) =
+            crate::releases::offer::record_status(&state, &auth.agent.id, &auth.agent.tenant_id, update).await
+        {
+            tracing::warn!(error = %e, agent = %auth.agent.id, "recording the update status");
+        }
+    }
+    let (desired_version, update) = match crate::releases::offer::place_of(&state, &auth.agent.id).await? {
+        Some(place) => {
+            let arch = match arch_reported {
+                Some(a) => Some(a),
+                None => hb_arch_fallback(&state, &auth.agent.id).await,
+            };
+            crate::releases::offer::offer_for(&state, &auth.agent.id, &place, version, arch.as_deref())
+        }
+        None => (None, None),
+    };
     let ttl_ms = state.cfg.agent_cert_ttl.as_millis() as i64;
     let rotate = auth.peer.not_after_ms - now_ms() < ttl_ms / 3;
     state.metrics.heartbeat_ingest.observe(started.elapsed().as_secs_f64());
@@ -212,9 +232,19 @@ pub async fn heartbeat(
         agent_version_supported: supported,
         rotate_certificate: rotate,
         certificate_expires_at: rfc3339(auth.peer.not_after_ms),
-        desired_version: None,
-        update: None,
+        desired_version,
+        update,
     }))
+}
+
+/// The arch the agent reported before, for a heartbeat that does not say it (the earlier Go agent).
+async fn hb_arch_fallback(state: &SharedState, agent_id: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT arch FROM agents WHERE id = $1")
+        .bind(agent_id)
+        .fetch_optional(&state.db.pool)
+        .await
+        .ok()
+        .flatten()
 }
 
 pub async fn renew(

@@ -3,9 +3,11 @@
 mod admin;
 mod agent;
 mod agent_plans;
+mod desired;
 mod enroll;
 mod health;
 mod plans;
+mod releases;
 mod rollouts;
 mod tenant;
 
@@ -16,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use nkudo_core::api::ErrorCode;
 use std::time::Instant;
@@ -64,6 +66,31 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/executions/result", post(agent_plans::report_results))
         .route("/agents/logs", post(agent_plans::agent_logs))
         .route("/v1/logs", post(agent_plans::v1_log))
+        // releases, desired versions, labels, fleet (admin unless noted)
+        .route(
+            "/admin/releases",
+            post(releases::publish_release).get(releases::list_releases),
+        )
+        .route("/admin/releases/{version}", get(releases::get_release))
+        .route(
+            "/admin/releases/{version}/artifacts/{name}",
+            put(releases::upload_artifact).get(releases::admin_download),
+        )
+        .route("/v1/releases/{version}/artifacts/{name}", get(releases::agent_download))
+        .route(
+            "/admin/desired-versions",
+            put(desired::set_desired)
+                .get(desired::list_desired)
+                .delete(desired::clear_desired),
+        )
+        .route("/admin/agents", get(desired::fleet_agents))
+        .route("/admin/agents/{agent_id}/labels", put(desired::admin_agent_labels))
+        .route("/admin/sites/{site_id}/labels", put(desired::admin_site_labels))
+        .route("/sites/{site_id}/labels", put(desired::tenant_site_labels))
+        .route(
+            "/tenants/{tenant_id}/agents/{agent_id}/labels",
+            put(desired::tenant_agent_labels),
+        )
         // rollouts (admin)
         .route(
             "/admin/rollouts",

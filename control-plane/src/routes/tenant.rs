@@ -21,10 +21,10 @@ use sqlx::Row;
 /// Longest enrollment token lifetime a tenant may ask for (7 days).
 const MAX_TOKEN_TTL_SECS: i64 = 7 * 86_400;
 
-const SITE_COLUMNS: &str =
-    "id, tenant_id, name, external_key, location_country_code, connectivity_state, last_heartbeat_at, created_at";
+pub(super) const SITE_COLUMNS: &str = "id, tenant_id, name, external_key, location_country_code, connectivity_state, \
+     last_heartbeat_at, created_at, labels_json";
 
-fn site_from_row(r: &sqlx::any::AnyRow) -> Result<Site, sqlx::Error> {
+pub(super) fn site_from_row(r: &sqlx::any::AnyRow) -> Result<Site, sqlx::Error> {
     Ok(Site {
         id: r.try_get(0)?,
         tenant_id: r.try_get(1)?,
@@ -34,7 +34,7 @@ fn site_from_row(r: &sqlx::any::AnyRow) -> Result<Site, sqlx::Error> {
         connectivity_state: r.try_get(5)?,
         last_heartbeat_at: rfc3339_opt(r.try_get(6)?),
         created_at: rfc3339(r.try_get(7)?),
-        labels: Default::default(),
+        labels: serde_json::from_str(&r.try_get::<String, _>(8)?).unwrap_or_default(),
     })
 }
 
@@ -202,15 +202,34 @@ pub async fn create_enrollment_token(
     ))
 }
 
-const AGENT_COLUMNS: &str = "a.id, a.tenant_id, a.site_id, a.host_id, h.hostname, a.agent_version, a.state, \
-     a.enrolled_at, a.last_heartbeat_at, a.cert_serial, a.cert_expires_at, a.revoked_at";
+pub(super) const AGENT_COLUMNS: &str =
+    "a.id, a.tenant_id, a.site_id, a.host_id, h.hostname, a.agent_version, a.state, \
+     a.enrolled_at, a.last_heartbeat_at, a.cert_serial, a.cert_expires_at, a.revoked_at, a.build_version, \
+     a.update_json, s.labels_json, a.labels_json";
+/// The joins [`AGENT_COLUMNS`] needs.
+pub(super) const AGENT_FROM: &str = "agents a JOIN hosts h ON h.id = a.host_id JOIN sites s ON s.id = a.site_id";
 
-fn agent_from_row(state: &SharedState, r: &sqlx::any::AnyRow) -> Result<Agent, sqlx::Error> {
+/// An agent as the API shows it: its effective labels, build version, self-update state and the desired
+/// version the resolution names for it.
+pub(super) fn agent_from_row(state: &SharedState, r: &sqlx::any::AnyRow) -> Result<Agent, sqlx::Error> {
     let version: String = r.try_get(5)?;
+    let id: String = r.try_get(0)?;
+    let site_id: String = r.try_get(2)?;
+    let tenant_id: String = r.try_get(1)?;
+    let update: Option<String> = r.try_get(13)?;
+    let site_labels: String = r.try_get(14)?;
+    let agent_labels: String = r.try_get(15)?;
+    let labels = crate::releases::desired::effective_labels(&site_labels, &agent_labels);
+    let place = crate::releases::desired::AgentPlace {
+        site_id: site_id.clone(),
+        tenant_id: tenant_id.clone(),
+        labels: labels.clone(),
+    };
     Ok(Agent {
-        id: r.try_get(0)?,
-        tenant_id: r.try_get(1)?,
-        site_id: r.try_get(2)?,
+        desired_version: state.desired.resolve(&id, &place).map(|e| e.version),
+        id,
+        tenant_id,
+        site_id,
         host_id: r.try_get(3)?,
         hostname: r.try_get(4)?,
         agent_version_supported: state.policy.supports_str(&version),
@@ -221,10 +240,9 @@ fn agent_from_row(state: &SharedState, r: &sqlx::any::AnyRow) -> Result<Agent, s
         cert_serial: r.try_get(9)?,
         cert_expires_at: rfc3339(r.try_get(10)?),
         revoked_at: rfc3339_opt(r.try_get(11)?),
-        build_version: None,
-        labels: Default::default(),
-        desired_version: None,
-        update: None,
+        build_version: r.try_get(12)?,
+        labels,
+        update: update.and_then(|u| serde_json::from_str(&u).ok()),
     })
 }
 
@@ -236,7 +254,7 @@ pub async fn list_agents(
 ) -> ApiResult<Json<AgentsResponse>> {
     auth.require_tenant(&state, &ctx, &tenant_id).await?;
     let rows = sqlx::query(&format!(
-        "SELECT {AGENT_COLUMNS} FROM agents a JOIN hosts h ON h.id = a.host_id WHERE a.tenant_id = $1 \
+        "SELECT {AGENT_COLUMNS} FROM {AGENT_FROM} WHERE a.tenant_id = $1 \
          ORDER BY a.enrolled_at, a.id"
     ))
     .bind(&auth.tenant_id)
@@ -293,7 +311,7 @@ pub async fn revoke_agent(
         audit::record(&mut tx, &ev).await?;
     }
     let row = sqlx::query(&format!(
-        "SELECT {AGENT_COLUMNS} FROM agents a JOIN hosts h ON h.id = a.host_id WHERE a.id = $1 AND a.tenant_id = $2"
+        "SELECT {AGENT_COLUMNS} FROM {AGENT_FROM} WHERE a.id = $1 AND a.tenant_id = $2"
     ))
     .bind(&agent_id)
     .bind(&auth.tenant_id)
