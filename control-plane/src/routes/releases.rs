@@ -30,10 +30,13 @@ fn publish_error(e: PublishError) -> ApiError {
             ErrorCode::ReleaseKeysNotConfigured,
             e.to_string(),
         ),
+        // The request is well formed; what it carries cannot be accepted: 422.
         PublishError::UnknownKey(_) | PublishError::BadSignature(_) | PublishError::BadSignatureFile(_) => {
-            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidSignature, e.to_string())
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidSignature, e.to_string())
         }
-        PublishError::Expired(_) => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestExpired, e.to_string()),
+        PublishError::Expired(_) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::ManifestExpired, e.to_string())
+        }
         PublishError::BadManifest(_) => ApiError::validation(e.to_string()),
     }
 }
