@@ -32,11 +32,17 @@ fn publish_error(e: PublishError) -> ApiError {
         ),
         // The request is well formed; what it carries cannot be accepted: 422.
         PublishError::UnknownKey(_) | PublishError::BadSignature(_) | PublishError::BadSignatureFile(_) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidSignature, e.to_string())
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidSignature,
+                e.to_string(),
+            )
         }
-        PublishError::Expired(_) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::ManifestExpired, e.to_string())
-        }
+        PublishError::Expired(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::ManifestExpired,
+            e.to_string(),
+        ),
         PublishError::BadManifest(_) => ApiError::validation(e.to_string()),
     }
 }
