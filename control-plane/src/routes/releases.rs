@@ -399,7 +399,9 @@ async fn download(state: &SharedState, version: &str, name: &str, headers: &Head
             }
             let take = (CHUNK as u64).min(end - pos + 1) as i64;
             let r: Result<Option<Vec<u8>>, sqlx::Error> = sqlx::query_scalar(
-                "SELECT substr(content, $1, $2) FROM release_artifacts WHERE version = $3 AND name = $4",
+                // Postgres has substr(bytea, integer, integer) only: the casts make one statement for both.
+                "SELECT substr(content, CAST($1 AS INTEGER), CAST($2 AS INTEGER)) FROM release_artifacts \
+                 WHERE version = $3 AND name = $4",
             )
             .bind(pos as i64 + 1)
             .bind(take)
@@ -411,8 +413,14 @@ async fn download(state: &SharedState, version: &str, name: &str, headers: &Head
                 Ok(Some(bytes)) if bytes.len() as i64 == take => {
                     Some((Ok::<_, std::io::Error>(bytes::Bytes::from(bytes)), pos + take as u64))
                 }
-                Ok(_) => Some((Err(std::io::Error::other("artifact changed while streaming")), end + 1)),
-                Err(e) => Some((Err(std::io::Error::other(e.to_string())), end + 1)),
+                Ok(_) => {
+                    tracing::error!(version = %v2, artifact = %n2, "artifact changed while streaming");
+                    Some((Err(std::io::Error::other("artifact changed while streaming")), end + 1))
+                }
+                Err(e) => {
+                    tracing::error!(version = %v2, artifact = %n2, error = %e, "reading an artifact chunk");
+                    Some((Err(std::io::Error::other(e.to_string())), end + 1))
+                }
             }
         }
     });
