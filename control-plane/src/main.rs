@@ -9,6 +9,7 @@ mod db;
 mod error;
 mod extract;
 mod heartbeat_buffer;
+mod labels;
 mod metrics;
 mod pki;
 mod plans;

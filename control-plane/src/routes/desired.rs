@@ -1,6 +1,7 @@
 //! Desired agent versions (admin), labels of sites and agents (tenant and admin), and the fleet-wide agents view
 //! (admin).
 
+use crate::audit::{self, AuditEvent};
 use crate::auth::{Admin, RequestCtx, TenantAuth};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{path_id, JsonBody, QueryParams};
@@ -16,9 +17,6 @@ use nkudo_core::api::{
 };
 use nkudo_core::version::Channel;
 use std::collections::BTreeMap;
-
-/// Most labels per site or agent.
-const MAX_LABELS: usize = 32;
 
 fn entry_view(e: &Entry, agents: i64) -> DesiredVersionEntry {
     DesiredVersionEntry {
@@ -40,7 +38,7 @@ async fn target_of(state: &SharedState, scope: DesiredScope, target: Option<&str
         (DesiredScope::Fleet, Some(_)) => Err(ApiError::validation("scope fleet takes no target")),
         (_, None) => Err(ApiError::validation(format!("scope {} needs a target", scope.as_str()))),
         (DesiredScope::Ring, Some(r)) => {
-            if valid_label(r) {
+            if crate::labels::valid(r) {
                 Ok(r.to_string())
             } else {
                 Err(ApiError::validation("invalid ring name"))
@@ -74,6 +72,7 @@ async fn target_of(state: &SharedState, scope: DesiredScope, target: Option<&str
 pub async fn set_desired(
     _: Admin,
     State(state): State<SharedState>,
+    ctx: RequestCtx,
     JsonBody(req): JsonBody<SetDesiredVersionRequest>,
 ) -> ApiResult<Json<DesiredVersionEntry>> {
     let version =
@@ -139,6 +138,7 @@ pub async fn set_desired(
         set_by: "admin".into(),
         set_at: now,
     };
+    let mut tx = state.db.pool.begin().await?;
     sqlx::query(
         "INSERT INTO desired_versions (scope, target, version, rollback, set_by, set_at) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (scope, target) DO UPDATE SET version = excluded.version, rollback = excluded.rollback, \
@@ -150,8 +150,10 @@ pub async fn set_desired(
     .bind(e.rollback as i64)
     .bind(&e.set_by)
     .bind(e.set_at)
-    .execute(&state.db.pool)
+    .execute(&mut *tx)
     .await?;
+    audit::record(&mut tx, &desired_event("desired_version.set", &ctx, &e)).await?;
+    tx.commit().await?;
     state.desired.put(e.clone());
     let agents = state
         .desired
@@ -162,6 +164,24 @@ pub async fn set_desired(
         .unwrap_or(0);
     tracing::info!(scope = e.scope.as_str(), target = %e.target, version = %e.version, rollback = e.rollback, "desired version set");
     Ok(Json(entry_view(&e, agents)))
+}
+
+/// Desired versions span tenants (fleet, ring): their events go to the system audit chain (tenant id '').
+fn desired_event(action: &'static str, ctx: &RequestCtx, e: &Entry) -> AuditEvent {
+    AuditEvent::new(
+        "",
+        action,
+        "desired_version",
+        &format!("{}:{}", e.scope.as_str(), e.target),
+    )
+    .actor("ADMIN", None)
+    .request(ctx)
+    .metadata(serde_json::json!({
+        "scope": e.scope.as_str(),
+        "target": e.target,
+        "version": e.version,
+        "rollback": e.rollback,
+    }))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -175,12 +195,14 @@ pub struct ScopeQuery {
 pub async fn clear_desired(
     _: Admin,
     State(state): State<SharedState>,
+    ctx: RequestCtx,
     QueryParams(q): QueryParams<ScopeQuery>,
 ) -> ApiResult<StatusCode> {
     let scope = crate::releases::desired::parse_scope(&q.scope)
         .ok_or_else(|| ApiError::validation("scope must be fleet, ring, site or agent"))?;
     let target = q.target.clone().unwrap_or_default();
     let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
     let n = sqlx::query(
         "UPDATE desired_versions SET version = '', rollback = 0, set_by = 'admin', set_at = $1 \
          WHERE scope = $2 AND target = $3 AND version <> ''",
@@ -188,20 +210,23 @@ pub async fn clear_desired(
     .bind(now)
     .bind(scope.as_str())
     .bind(&target)
-    .execute(&state.db.pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     if n == 0 {
         return Err(ApiError::not_found("desired version entry"));
     }
-    state.desired.put(Entry {
+    let cleared = Entry {
         scope,
         target,
         version: String::new(),
         rollback: false,
         set_by: "admin".into(),
         set_at: now,
-    });
+    };
+    audit::record(&mut tx, &desired_event("desired_version.clear", &ctx, &cleared)).await?;
+    tx.commit().await?;
+    state.desired.put(cleared);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -216,48 +241,53 @@ pub async fn list_desired(_: Admin, State(state): State<SharedState>) -> ApiResu
     Ok(Json(DesiredVersionsResponse { desired_versions }))
 }
 
-fn valid_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<String, ApiError> {
-    if labels.len() > MAX_LABELS {
-        return Err(ApiError::validation(format!("at most {MAX_LABELS} labels")));
-    }
-    for (k, v) in labels {
-        if !valid_label(k) || !valid_label(v) {
-            return Err(ApiError::validation(format!(
-                "label {k:?}={v:?}: keys and values are 1-63 letters, digits, '.', '_' or '-'"
-            )));
-        }
-    }
-    Ok(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
+    crate::labels::to_json(labels).map_err(ApiError::validation)
 }
 
-async fn write_site_labels(state: &SharedState, site_id: &str, labels: &BTreeMap<String, String>) -> ApiResult<Site> {
+/// Who changed something, for the audit trail: the admin key, or a tenant's API key.
+fn actor(ev: AuditEvent, tenant_key: Option<&str>) -> AuditEvent {
+    match tenant_key {
+        Some(key_id) => ev.actor("USER", Some(key_id)),
+        None => ev.actor("ADMIN", None),
+    }
+}
+
+async fn write_site_labels(
+    state: &SharedState,
+    ctx: &RequestCtx,
+    tenant_key: Option<&str>,
+    site_id: &str,
+    labels: &BTreeMap<String, String>,
+) -> ApiResult<Site> {
     let json = check_labels(labels)?;
+    let mut tx = state.db.pool.begin().await?;
     let n = sqlx::query("UPDATE sites SET labels_json = $1, updated_at = $2 WHERE id = $3")
         .bind(&json)
         .bind(now_ms())
         .bind(site_id)
-        .execute(&state.db.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
     if n == 0 {
         return Err(ApiError::not_found("site"));
     }
-    state.desired.refresh_places(&state.db.pool).await?;
     let row = sqlx::query(&format!(
         "SELECT {} FROM sites WHERE id = $1",
         super::tenant::SITE_COLUMNS
     ))
     .bind(site_id)
-    .fetch_one(&state.db.pool)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(super::tenant::site_from_row(&row)?)
+    let site = super::tenant::site_from_row(&row)?;
+    let ev = AuditEvent::new(&site.tenant_id, "site.labels", "site", &site.id)
+        .site(&site.id)
+        .request(ctx)
+        .metadata(serde_json::json!({ "labels": labels }));
+    audit::record(&mut tx, &actor(ev, tenant_key)).await?;
+    tx.commit().await?;
+    state.desired.refresh_places(&state.db.pool).await?;
+    Ok(site)
 }
 
 /// `PUT /sites/{site_id}/labels` (tenant key: its own sites only).
@@ -270,49 +300,65 @@ pub async fn tenant_site_labels(
 ) -> ApiResult<Json<Site>> {
     let site_id = path_id("site", &site_id)?.to_string();
     super::tenant::require_site(&state, &auth, &ctx, &site_id).await?;
-    Ok(Json(write_site_labels(&state, &site_id, &req.labels).await?))
+    Ok(Json(
+        write_site_labels(&state, &ctx, Some(&auth.key_id), &site_id, &req.labels).await?,
+    ))
 }
 
 /// `PUT /admin/sites/{site_id}/labels`.
 pub async fn admin_site_labels(
     _: Admin,
     State(state): State<SharedState>,
+    ctx: RequestCtx,
     Path(site_id): Path<String>,
     JsonBody(req): JsonBody<SetLabelsRequest>,
 ) -> ApiResult<Json<Site>> {
     let site_id = path_id("site", &site_id)?.to_string();
-    Ok(Json(write_site_labels(&state, &site_id, &req.labels).await?))
+    Ok(Json(
+        write_site_labels(&state, &ctx, None, &site_id, &req.labels).await?,
+    ))
 }
 
+/// Replaces an agent's own labels; `tenant` = the calling tenant (its agents only), `None` for the admin.
 async fn write_agent_labels(
     state: &SharedState,
+    ctx: &RequestCtx,
+    tenant: Option<&TenantAuth>,
     agent_id: &str,
-    tenant: Option<&str>,
     labels: &BTreeMap<String, String>,
 ) -> ApiResult<nkudo_core::api::Agent> {
     let json = check_labels(labels)?;
+    let mut tx = state.db.pool.begin().await?;
     let n = sqlx::query(
         "UPDATE agents SET labels_json = $1, updated_at = $2 WHERE id = $3 AND ($4 = '' OR tenant_id = $4)",
     )
     .bind(&json)
     .bind(now_ms())
     .bind(agent_id)
-    .bind(tenant.unwrap_or(""))
-    .execute(&state.db.pool)
+    .bind(tenant.map(|t| t.tenant_id.as_str()).unwrap_or(""))
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     if n == 0 {
         return Err(ApiError::not_found("agent"));
     }
-    state.desired.refresh_places(&state.db.pool).await?;
     let row = sqlx::query(&format!(
         "SELECT {} FROM {} WHERE a.id = $1",
         super::tenant::AGENT_COLUMNS,
         super::tenant::AGENT_FROM
     ))
     .bind(agent_id)
-    .fetch_one(&state.db.pool)
+    .fetch_one(&mut *tx)
     .await?;
+    let tenant_id: String = sqlx::Row::try_get(&row, 1)?;
+    let site_id: String = sqlx::Row::try_get(&row, 2)?;
+    let ev = AuditEvent::new(&tenant_id, "agent.labels", "agent", agent_id)
+        .site(&site_id)
+        .request(ctx)
+        .metadata(serde_json::json!({ "labels": labels }));
+    audit::record(&mut tx, &actor(ev, tenant.map(|t| t.key_id.as_str()))).await?;
+    tx.commit().await?;
+    state.desired.refresh_places(&state.db.pool).await?;
     Ok(super::tenant::agent_from_row(state, &row)?)
 }
 
@@ -327,7 +373,7 @@ pub async fn tenant_agent_labels(
     auth.require_tenant(&state, &ctx, &tenant_id).await?;
     let agent_id = path_id("agent", &agent_id)?.to_string();
     Ok(Json(
-        write_agent_labels(&state, &agent_id, Some(&auth.tenant_id), &req.labels).await?,
+        write_agent_labels(&state, &ctx, Some(&auth), &agent_id, &req.labels).await?,
     ))
 }
 
@@ -335,11 +381,14 @@ pub async fn tenant_agent_labels(
 pub async fn admin_agent_labels(
     _: Admin,
     State(state): State<SharedState>,
+    ctx: RequestCtx,
     Path(agent_id): Path<String>,
     JsonBody(req): JsonBody<SetLabelsRequest>,
 ) -> ApiResult<Json<nkudo_core::api::Agent>> {
     let agent_id = path_id("agent", &agent_id)?.to_string();
-    Ok(Json(write_agent_labels(&state, &agent_id, None, &req.labels).await?))
+    Ok(Json(
+        write_agent_labels(&state, &ctx, None, &agent_id, &req.labels).await?,
+    ))
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

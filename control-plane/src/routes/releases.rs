@@ -1,7 +1,8 @@
 //! Release registry routes: publish a signed manifest, upload its artifacts, list and show releases, download
 //! artifacts (admin, and agents over mTLS, resumable with `Range`).
 
-use crate::auth::{Admin, AgentAuth};
+use crate::audit::{self, AuditEvent};
+use crate::auth::{Admin, AgentAuth, RequestCtx};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::releases::range::{self, Plan};
@@ -59,9 +60,18 @@ fn check_base_url(u: &str) -> Result<String, ApiError> {
     }
 }
 
+/// Releases belong to no tenant: their events go to the system audit chain (tenant id '').
+fn release_event(action: &'static str, ctx: &RequestCtx, version: &str, metadata: serde_json::Value) -> AuditEvent {
+    AuditEvent::new("", action, "release", version)
+        .actor("ADMIN", None)
+        .request(ctx)
+        .metadata(metadata)
+}
+
 pub async fn publish_release(
     _: Admin,
     State(state): State<SharedState>,
+    ctx: RequestCtx,
     JsonBody(req): JsonBody<PublishReleaseRequest>,
 ) -> ApiResult<(StatusCode, Json<ReleaseInfo>)> {
     let now = now_ms();
@@ -91,17 +101,29 @@ pub async fn publish_release(
                     m.version
                 )));
             }
-            if let Some(base) = &base {
+            let old_base: Option<String> =
+                sqlx::query_scalar("SELECT external_base_url FROM releases WHERE version = $1")
+                    .bind(&m.version)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if base.is_some() && base != old_base {
                 sqlx::query("UPDATE releases SET external_base_url = $1 WHERE version = $2")
-                    .bind(base)
+                    .bind(&base)
                     .bind(&m.version)
                     .execute(&mut *tx)
                     .await?;
+                let ev = release_event(
+                    "release.external_base_url",
+                    &ctx,
+                    &m.version,
+                    serde_json::json!({ "external_base_url": base }),
+                );
+                audit::record(&mut tx, &ev).await?;
             }
             StatusCode::OK
         }
         None => {
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO releases (version, channel, manifest, signature, key_id, expires_at, external_base_url, \
                  published_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
@@ -114,7 +136,16 @@ pub async fn publish_release(
             .bind(&base)
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await;
+            if let Err(e) = inserted {
+                if crate::db::Db::is_unique_violation(&e) {
+                    return Err(ApiError::conflict(format!(
+                        "release {} is being published by another request; retry",
+                        m.version
+                    )));
+                }
+                return Err(e.into());
+            }
             for a in &m.artifacts {
                 sqlx::query(
                     "INSERT INTO release_artifacts (version, name, component, kind, os, arch, size, sha256) \
@@ -131,6 +162,19 @@ pub async fn publish_release(
                 .execute(&mut *tx)
                 .await?;
             }
+            let ev = release_event(
+                "release.publish",
+                &ctx,
+                &m.version,
+                serde_json::json!({
+                    "channel": m.channel,
+                    "key_id": v.key_id,
+                    "git_commit": m.git_commit,
+                    "artifacts": m.artifacts.len(),
+                    "external_base_url": base,
+                }),
+            );
+            audit::record(&mut tx, &ev).await?;
             StatusCode::CREATED
         }
     };
@@ -258,6 +302,7 @@ pub async fn get_release(
 pub async fn upload_artifact(
     _: Admin,
     State(state): State<SharedState>,
+    ctx: RequestCtx,
     Path((version, name)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ReleaseArtifactInfo>)> {
@@ -316,13 +361,30 @@ pub async fn upload_artifact(
     if uploaded != 0 {
         return Ok((StatusCode::OK, Json(info)));
     }
-    sqlx::query("UPDATE release_artifacts SET content = $1, uploaded_at = $2 WHERE version = $3 AND name = $4")
-        .bind(buf)
-        .bind(now_ms())
-        .bind(&version)
-        .bind(&name)
-        .execute(&state.db.pool)
-        .await?;
+    let mut tx = state.db.pool.begin().await?;
+    // `content IS NULL`: of two concurrent uploads of the same (checked) bytes, one stores and audits them.
+    let stored = sqlx::query(
+        "UPDATE release_artifacts SET content = $1, uploaded_at = $2 WHERE version = $3 AND name = $4 \
+         AND content IS NULL",
+    )
+    .bind(buf)
+    .bind(now_ms())
+    .bind(&version)
+    .bind(&name)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if stored == 0 {
+        return Ok((StatusCode::OK, Json(info)));
+    }
+    let ev = release_event(
+        "release.artifact_upload",
+        &ctx,
+        &version,
+        serde_json::json!({ "artifact": name, "size": size, "sha256": sha }),
+    );
+    audit::record(&mut tx, &ev).await?;
+    tx.commit().await?;
     refresh(&state).await;
     tracing::info!(%version, artifact = %name, bytes = size, sha256 = %sha, "artifact uploaded");
     Ok((StatusCode::CREATED, Json(info)))
