@@ -296,45 +296,86 @@ async fn bad_releases_roll_back_to_a() -> anyhow::Result<()> {
     let fx = bootstrap(&cp).await?;
     let tmp = TempDir::new("nkudo-releases")?;
     let a = build_release(tmp.path(), &ReleaseSpec::new(A), &key)?;
+    // (version, payload, host name, what the rollback reason says)
     let cases = [
-        ("0.1.5", Payload::ExitsAtOnce, "exits-at-once"),
-        ("0.1.6", Payload::NeverHeartbeats, "never-heartbeats"),
-        ("0.1.7", Payload::CrashesAfter(3), "crashes"),
-        ("0.1.8", Payload::DoesNotStart, "does-not-start"),
+        (
+            "0.1.5",
+            Payload::ExitsAtOnce,
+            "exits-at-once",
+            "exited during the trial",
+        ),
+        (
+            "0.1.6",
+            Payload::NeverHeartbeats,
+            "never-heartbeats",
+            "no healthy heartbeat within the health window",
+        ),
+        ("0.1.7", Payload::CrashesAfter(3), "crashes", "during the trial"),
+        (
+            "0.1.8",
+            Payload::DoesNotStart,
+            "does-not-start",
+            "the pre-switch trial run failed",
+        ),
     ];
     let mut runs = Vec::new();
-    for (v, payload, name) in cases {
+    for (v, payload, name, reason) in cases {
         let rel = build_release(tmp.path(), &ReleaseSpec::new(v).payload(payload.clone()), &key)?;
         publish_ok(&cp, &rel, &[])?;
         let (host, id) = host_on(&cp, &fx, &format!("edge-{name}"), &a, &[&key]).await?;
-        runs.push((rel, payload, host, id));
+        runs.push((rel, payload, host, id, reason));
     }
     // All at once, one desired version per agent.
-    for (rel, _, _, id) in &runs {
+    for (rel, _, _, id, _) in &runs {
         set_desired_ok(&cp, DesiredScope::Agent, Some(id), &rel.version, false).await?;
     }
-    for (rel, payload, host, id) in &runs {
+    for (rel, payload, host, id, reason) in &runs {
         let v = rel.version.as_str();
         if *payload == Payload::DoesNotStart {
-            // Refused by the pre-switch trial: never switched, never installed as current.
+            // Refused by the pre-switch trial: never switched.
             let agent = wait_failed(&cp, host, id, v, A).await?;
             let err = last_error(&agent);
-            assert!(err.contains("trial") || err.contains("version"), "{err}");
+            assert!(err.contains(reason), "{err}");
             assert_on(host, A, &[]);
+            assert!(
+                !host
+                    .log()
+                    .contains(&format!("update watcher: watching the trial of {v}")),
+                "no trial, no watcher\n{}",
+                host.diagnostics()
+            );
             continue;
         }
+        let mut seen_new = false;
         let agent = wait_agent(
             &cp,
             host,
             id,
             UPDATE_DEADLINE,
             &format!("{v} rolled back to {A}"),
-            |x| x.agent_version == A && phase(x) == "rolled-back" && last_error(x).contains(v),
+            |x| {
+                seen_new |= x.agent_version == v;
+                x.agent_version == A && phase(x) == "rolled-back" && last_error(x).contains(v)
+            },
         )
         .await?;
         let u = agent.update.clone().unwrap();
+        assert!(last_error(&agent).contains(reason), "{u:?}\n{}", host.diagnostics());
         assert_eq!(u.attempt_to.as_deref(), Some(v), "{u:?}");
         assert_eq!(u.attempt_from.as_deref(), Some(A), "{u:?}");
+        if matches!(payload, Payload::CrashesAfter(_)) {
+            // It did start and heartbeat as the new version, then crashed before it could commit.
+            let log = host.log();
+            let started = log
+                .find(&format!("nkudo-edge {v} agent "))
+                .unwrap_or_else(|| panic!("{v} never started\n{}", host.diagnostics()));
+            let after = &log[started..];
+            assert!(
+                after.contains("heartbeat accepted") && after.contains("crashed (SIGKILL)"),
+                "{v} heartbeated, then crashed\n{}",
+                host.diagnostics()
+            );
+        }
         assert_eq!(host.current_version().as_deref(), Some(A), "{}", host.diagnostics());
         assert_eq!(current_version_line(host), format!("nkudo-edge {A}"));
         assert!(
@@ -343,10 +384,16 @@ async fn bad_releases_roll_back_to_a() -> anyhow::Result<()> {
             host.diagnostics()
         );
         assert_eq!(host.update_state()["phase"], "rolled-back", "{}", host.diagnostics());
+        assert!(
+            host.watch_log()
+                .contains(&format!("update watcher: rolled back to {A}")),
+            "the watcher switched back\n{}",
+            host.diagnostics()
+        );
     }
     // The rolled-back hosts keep heartbeating on A (the bad version is not retried).
     tokio::time::sleep(Duration::from_secs(5)).await;
-    for (rel, _, host, id) in &runs {
+    for (rel, _, host, id, _) in &runs {
         let agent = admin_agent(&cp, id).await?;
         assert_eq!(agent.agent_version, A, "{}\n{}", rel.version, host.diagnostics());
         assert_eq!(host.current_version().as_deref(), Some(A));
