@@ -127,7 +127,7 @@ pub async fn record_status(
                     status
                         .last_error
                         .as_ref()
-                        .map(|e| e.chars().take(2000).collect::<String>()),
+                        .map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>()),
                 )
                 .bind(started)
                 .bind(now_ms())
@@ -144,8 +144,8 @@ pub async fn record_status(
             }
         }
     }
-    let restarts = status.restarts as i64;
-    if restarts > 0 && state.recorded_outcomes.restarts_changed(agent_id, restarts) {
+    let restarts = status.restarts.min(i64::MAX as u64) as i64;
+    if state.recorded_outcomes.restarts_changed(agent_id, restarts) {
         let old: Option<i64> = sqlx::query_scalar("SELECT update_restarts FROM agents WHERE id = $1")
             .bind(agent_id)
             .fetch_optional(&state.db.pool)
@@ -158,17 +158,60 @@ pub async fn record_status(
                     .bind(old)
                     .execute(&state.db.pool)
                     .await?;
-                if r.rows_affected() == 1 && restarts > old {
+                let new = restarts_since(old, restarts);
+                if r.rows_affected() == 1 && new > 0 {
                     state
                         .metrics
                         .agent_restarts
                         .with_label_values(&[status.current_version.as_str()])
-                        .inc_by((restarts - old) as u64);
+                        .inc_by(new);
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Restarts that happened between a stored count and a reported one. The count belongs to the installed version
+/// and starts again at 0 with the next one, so a lower report is a new installation that restarted `reported`
+/// times (a reset to 0 is stored too, so that the new version's first restart counts).
+pub fn restarts_since(stored: i64, reported: i64) -> u64 {
+    if reported >= stored {
+        (reported - stored) as u64
+    } else {
+        reported.max(0) as u64
+    }
+}
+
+/// Longest text kept from an agent's update status (`last_error`); versions and times are shorter.
+const MAX_ERROR_CHARS: usize = 2000;
+const MAX_FIELD_CHARS: usize = 255;
+
+/// The update status with every text cut to a bounded length, as stored and recorded (an agent's error text can
+/// be long; nothing it sends is refused for that).
+pub fn bounded(mut s: UpdateStatus) -> UpdateStatus {
+    fn cut(v: &mut String, n: usize) {
+        if let Some((i, _)) = v.char_indices().nth(n) {
+            v.truncate(i);
+        }
+    }
+    cut(&mut s.current_version, MAX_FIELD_CHARS);
+    for v in [
+        &mut s.previous_version,
+        &mut s.desired_version,
+        &mut s.attempt_from,
+        &mut s.attempt_to,
+        &mut s.attempt_started_at,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        cut(v, MAX_FIELD_CHARS);
+    }
+    if let Some(e) = &mut s.last_error {
+        cut(e, MAX_ERROR_CHARS);
+    }
+    s
 }
 
 /// Per-replica memory that keeps the heartbeat path from writing what it already wrote.
@@ -196,5 +239,34 @@ impl Recorded {
             map.clear();
         }
         map.insert(agent_id.to_string(), restarts) != Some(restarts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_count_from_the_stored_value_and_from_zero_after_a_reset() {
+        assert_eq!(restarts_since(0, 0), 0);
+        assert_eq!(restarts_since(0, 2), 2);
+        assert_eq!(restarts_since(2, 5), 3);
+        // A new version was installed: its count started again at 0.
+        assert_eq!(restarts_since(5, 0), 0);
+        assert_eq!(restarts_since(5, 1), 1);
+        assert_eq!(restarts_since(5, -1), 0);
+    }
+
+    #[test]
+    fn status_texts_are_bounded() {
+        let s = bounded(UpdateStatus {
+            current_version: "1".repeat(300),
+            last_error: Some("é".repeat(5000)),
+            attempt_to: Some("2.0.0".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.current_version.len(), 255);
+        assert_eq!(s.last_error.as_deref().map(|e| e.chars().count()), Some(2000));
+        assert_eq!(s.attempt_to.as_deref(), Some("2.0.0"));
     }
 }

@@ -127,6 +127,7 @@ pub async fn heartbeat(
         Some(out)
     };
     let agent_version = text(hb.agent_version)?;
+    let update_status = hb.update.map(crate::releases::offer::bounded);
     let pending = PendingHeartbeat {
         agent_id: auth.agent.id.clone(),
         tenant_id: auth.agent.tenant_id.clone(),
@@ -150,7 +151,7 @@ pub async fn heartbeat(
         netbird: hb.netbird_status,
         microvms,
         build_version: text(hb.build_version)?,
-        update_json: hb.update.as_ref().and_then(|u| serde_json::to_string(u).ok()),
+        update_json: update_status.as_ref().and_then(|u| serde_json::to_string(u).ok()),
     };
     let arch_reported = pending.arch.clone();
     state.heartbeats.push(pending);
@@ -204,7 +205,7 @@ pub async fn heartbeat(
     if !supported {
         state.metrics.unsupported_agent_heartbeats.inc();
     }
-    if let Some(update) = &hb.update {
+    if let Some(update) = &update_status {
         if let Err(e) =
             crate::releases::offer::record_status(&state, &auth.agent.id, &auth.agent.tenant_id, update).await
         {
