@@ -5,6 +5,8 @@
 pub mod desired;
 pub mod offer;
 pub mod range;
+#[cfg(test)]
+mod verify_tests;
 
 use crate::state::SharedState;
 use sqlx::Row;
