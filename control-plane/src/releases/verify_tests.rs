@@ -63,7 +63,7 @@ fn a_manifest_signed_by_a_configured_key_verifies() {
     assert_eq!(v.key_id, k.1.key_id.to_string());
     assert!(v.expires_ms > NOW_MS);
     let pre = manifest("0.5.0-pre.1", "pre-release", "2027-06-01T00:00:00Z");
-    assert!(verify_manifest(&[k.1.clone()], &pre, &sign(&k, &pre), NOW_MS).is_ok());
+    assert!(verify_manifest(std::slice::from_ref(&k.1), &pre, &sign(&k, &pre), NOW_MS).is_ok());
 }
 
 #[test]
@@ -84,18 +84,18 @@ fn any_changed_byte_breaks_the_signature() {
     // Same meaning, other bytes (no final newline): the exact signed text is what counts.
     for changed in [text.replace("0.4.0", "0.4.1"), text.trim_end().to_string()] {
         assert!(matches!(
-            verify_manifest(&[k.1.clone()], &changed, &sig, NOW_MS),
+            verify_manifest(std::slice::from_ref(&k.1), &changed, &sig, NOW_MS),
             Err(PublishError::BadSignature(_))
         ));
     }
     // A signature made by another key carrying the configured key's id.
     let impostor = (key(3).0, k.1.clone());
     assert!(matches!(
-        verify_manifest(&[k.1.clone()], &text, &sign(&impostor, &text), NOW_MS),
+        verify_manifest(std::slice::from_ref(&k.1), &text, &sign(&impostor, &text), NOW_MS),
         Err(PublishError::BadSignature(_))
     ));
     assert!(matches!(
-        verify_manifest(&[k.1.clone()], &text, "not a signature", NOW_MS),
+        verify_manifest(std::slice::from_ref(&k.1), &text, "not a signature", NOW_MS),
         Err(PublishError::BadSignatureFile(_))
     ));
 }
@@ -105,7 +105,7 @@ fn expired_mislabelled_and_malformed_manifests_are_refused() {
     let k = key(1);
     let expired = manifest("0.4.0", "release", "2026-01-01T00:00:00Z");
     assert!(matches!(
-        verify_manifest(&[k.1.clone()], &expired, &sign(&k, &expired), NOW_MS),
+        verify_manifest(std::slice::from_ref(&k.1), &expired, &sign(&k, &expired), NOW_MS),
         Err(PublishError::Expired(_))
     ));
     for text in [
@@ -118,7 +118,7 @@ fn expired_mislabelled_and_malformed_manifests_are_refused() {
     ] {
         assert!(
             matches!(
-                verify_manifest(&[k.1.clone()], &text, &sign(&k, &text), NOW_MS),
+                verify_manifest(std::slice::from_ref(&k.1), &text, &sign(&k, &text), NOW_MS),
                 Err(PublishError::BadManifest(_))
             ),
             "{text}"
