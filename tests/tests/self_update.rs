@@ -1,4 +1,4 @@
-//! Safe agent self-update end to end (issue 6): the real control plane (SQLite), real agents running from a host
+//! Safe agent self-update end to end (issue 6): the real control plane, real agents running from a host
 //! layout under a temporary root (`<root>/current/bin/nkudo-edge run ...`, restart mode exec), releases built
 //! in-process from the real debug agent binary and signed with throw-away keys (`nkudo_tests::releases`), and
 //! `releaser publish` / `releaser check-compat` against the control plane.
@@ -13,6 +13,7 @@
 //! * the control plane killed mid-download comes back on the same data: the agent resumes with a Range request;
 //! * a pre-release aimed at a production-labelled site is refused (409 PRERELEASE_IN_PRODUCTION).
 //!
+//! The three-agent update and the pre-release ban run on SQLite and Postgres, the rest on SQLite.
 //! Health window 15 s and stable-after 5 s on the agents, 1 s heartbeats. Every wait has a deadline whose failure
 //! message carries the agent log tail, the watcher log, update.json and the layout.
 
@@ -118,10 +119,9 @@ fn assert_on(host: &LayoutHost, version: &str, not_installed: &[&str]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_agents_update_from_a_to_b() -> anyhow::Result<()> {
+async fn three_agents_update_from_a_to_b(backend: Backend) -> anyhow::Result<()> {
     let key = new_release_key();
-    let cp = start_or_skip!(release_control_plane(Backend::Sqlite, &[&key]).start());
+    let cp = start_or_skip!(release_control_plane(backend, &[&key]).start());
     let fx = bootstrap(&cp).await?;
     let tmp = TempDir::new("nkudo-releases")?;
     let a = build_release(tmp.path(), &ReleaseSpec::new(A), &key)?;
@@ -196,6 +196,7 @@ async fn three_agents_update_from_a_to_b() -> anyhow::Result<()> {
     assert!(listed.iter().all(|x| x["agent_version"] == B), "{compat}");
     Ok(())
 }
+both_backends!(three_agents_update_from_a_to_b => three_agents_update_from_a_to_b_sqlite, three_agents_update_from_a_to_b_postgres);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_updates_are_refused_and_the_agent_stays_on_a() -> anyhow::Result<()> {
@@ -472,10 +473,9 @@ async fn control_plane_killed_mid_download_the_agent_resumes() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prerelease_for_a_production_site_is_refused() -> anyhow::Result<()> {
+async fn prerelease_for_a_production_site_is_refused(backend: Backend) -> anyhow::Result<()> {
     let key = new_release_key();
-    let cp = start_or_skip!(release_control_plane(Backend::Sqlite, &[&key]).start());
+    let cp = start_or_skip!(release_control_plane(backend, &[&key]).start());
     let fx = bootstrap(&cp).await?;
     let tmp = TempDir::new("nkudo-releases")?;
     let pre = build_release(tmp.path(), &ReleaseSpec::new("0.1.9-pre.3+abc1234"), &key)?;
@@ -505,6 +505,7 @@ async fn prerelease_for_a_production_site_is_refused() -> anyhow::Result<()> {
     set_desired_ok(&cp, DesiredScope::Site, Some(fx.site_id()), &pre.version, false).await?;
     Ok(())
 }
+both_backends!(prerelease_for_a_production_site_is_refused => prerelease_for_a_production_site_is_refused_sqlite, prerelease_for_a_production_site_is_refused_postgres);
 
 /// The fixtures themselves, without a control plane: every release verifies with `releaser verify`, installs
 /// into a layout, and its `bin/nkudo-edge version` says what the pre-switch trial expects (or fails, for the
