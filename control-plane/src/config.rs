@@ -345,4 +345,34 @@ mod tests {
         let e = cfg(&[("CONTROL_PLANE_ADDR", "nope")]).unwrap_err();
         assert!(e.to_string().starts_with("CONTROL_PLANE_ADDR"), "{e}");
     }
+
+    fn release_key(seed: u8) -> nkudo_core::minisign::PublicKey {
+        nkudo_core::minisign::PublicKey {
+            key_id: nkudo_core::minisign::KeyId([seed; 8]),
+            key: ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key(),
+        }
+    }
+
+    #[test]
+    fn release_keys_from_the_list_and_the_file() {
+        let (k1, k2, k3) = (release_key(1), release_key(2), release_key(3));
+        assert!(cfg(&[]).unwrap().release_public_keys.is_empty());
+        let list = format!("{}, {}", k1.to_base64(), k2.to_base64());
+        assert_eq!(
+            parse_release_keys(Some(&list), None).unwrap(),
+            vec![k1.clone(), k2.clone()]
+        );
+        // A minisign .pub file (untrusted comment line), a comment, a bare key line; k1 twice is kept once.
+        let file = format!("{}\n# rotation\n{}\n", k1.to_file_text(), k3.to_base64());
+        assert_eq!(
+            parse_release_keys(Some(&list), Some(&file)).unwrap(),
+            vec![k1.clone(), k2, k3.clone()]
+        );
+        assert_eq!(parse_release_keys(None, Some(&file)).unwrap(), vec![k1, k3]);
+        assert!(parse_release_keys(Some("RWnope"), None).unwrap_err().contains("RWnope"));
+        let e = cfg(&[("RELEASE_PUBLIC_KEYS", "garbage")]).unwrap_err();
+        assert!(e.to_string().starts_with("RELEASE_PUBLIC_KEYS"), "{e}");
+        let e = cfg(&[("RELEASE_PUBLIC_KEYS_FILE", "/nonexistent/keys.pub")]).unwrap_err();
+        assert!(e.to_string().starts_with("RELEASE_PUBLIC_KEYS_FILE"), "{e}");
+    }
 }
