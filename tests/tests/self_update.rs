@@ -412,10 +412,12 @@ async fn control_plane_killed_mid_download_the_agent_resumes() -> anyhow::Result
     let fx = bootstrap(&cp).await?;
     let tmp = TempDir::new("nkudo-releases")?;
     let a = build_release(tmp.path(), &ReleaseSpec::new(A), &key)?;
-    // ~4 MiB of incompressible padding at 256 KiB/s: a download of 15 s and more.
-    let b = build_release(tmp.path(), &ReleaseSpec::new(B).padding(4 << 20), &key)?;
+    // The real binary (several MiB compressed) plus 3 MiB of incompressible padding at 512 KiB/s: a download of
+    // 15 s and more, long enough to kill the control plane in the middle.
+    let b = build_release(tmp.path(), &ReleaseSpec::new(B).padding(3 << 20), &key)?;
+    assert!(b.size > 6 << 20, "{} bytes", b.size);
     let mut host = LayoutHost::new("edge-resume", &a, &[&key])?;
-    host.set_env("NKUDO_UPDATE_DOWNLOAD_RATE_LIMIT", "262144");
+    host.set_env("NKUDO_UPDATE_DOWNLOAD_RATE_LIMIT", "524288");
     host.set_env("NKUDO_MAX_BACKOFF", "2s");
     let id = host.enroll(&cp, &fx).await?;
     host.spawn(&cp)?;
