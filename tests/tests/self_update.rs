@@ -569,3 +569,63 @@ fn test_releases_verify_install_and_report_their_version() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// `releaser publish` against the real control plane: what it refuses, and that the refusal says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releaser_publish_refusals_from_the_control_plane() -> anyhow::Result<()> {
+    let key = new_release_key();
+    let cp = start_or_skip!(release_control_plane(Backend::Sqlite, &[&key]).start());
+    let tmp = TempDir::new("nkudo-releases")?;
+    // Signed by a key the control plane does not trust (and the directory's own key is not trusted for that).
+    let stranger = new_release_key();
+    let foreign = build_release(tmp.path(), &ReleaseSpec::new("0.1.3"), &stranger)?;
+    let out = releaser_publish(&cp, &foreign.dir, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("INVALID_SIGNATURE") && err.contains("RELEASE_PUBLIC_KEYS"),
+        "{err}"
+    );
+    // ... and with the trusted key given to the releaser, it is refused before anything is sent (exit 3).
+    let out = releaser_publish(&cp, &foreign.dir, &["--public-key-string", &public_key_b64(&key)]);
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
+
+    // A version is published once: another manifest under the same version is a conflict.
+    let first = build_release(tmp.path(), &ReleaseSpec::new("0.1.4"), &key)?;
+    publish_ok(&cp, &first, &[])?;
+    let second = build_release(
+        tmp.path(),
+        &ReleaseSpec::new("0.1.4").file("extra.txt", b"different bytes\n".to_vec()),
+        &key,
+    )?;
+    let out = releaser_publish(&cp, &second.dir, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("409") && err.contains("a version is published once"),
+        "{err}"
+    );
+
+    // The wrong admin key.
+    let out = releaser_command()
+        .arg("publish")
+        .arg(&first.dir)
+        .args(["--url", &cp.base_url, "--admin-key", "not-the-key"])
+        .arg("--ca-cert")
+        .arg(&cp.ca_bundle_path)
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--admin-key"),
+        "{}",
+        output_text(&out)
+    );
+
+    // What was published is listed with its artifact available.
+    let r = admin(&cp).get(cp.url("/admin/releases/0.1.4")).send().await?;
+    let info: nkudo_core::api::ReleaseInfo = expect_json(r, StatusCode::OK, "GET /admin/releases/0.1.4").await?;
+    assert_eq!(info.key_id, key.public_key().key_id.to_string());
+    assert!(info.artifacts.iter().all(|a| a.available), "{info:?}");
+    assert_eq!(info.artifacts[0].sha256, first.sha256);
+    Ok(())
+}
