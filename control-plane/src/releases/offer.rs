@@ -145,7 +145,7 @@ pub async fn record_status(
         }
     }
     let restarts = status.restarts.min(i64::MAX as u64) as i64;
-    if state.recorded_outcomes.restarts_changed(agent_id, restarts) {
+    if state.recorded_outcomes.restarts_to_write(agent_id, restarts) {
         let old: Option<i64> = sqlx::query_scalar("SELECT update_restarts FROM agents WHERE id = $1")
             .bind(agent_id)
             .fetch_optional(&state.db.pool)
@@ -233,12 +233,20 @@ impl Recorded {
         set.insert(key.to_string())
     }
 
-    fn restarts_changed(&self, agent_id: &str, restarts: i64) -> bool {
+    /// Whether a reported restart count must be compared with the stored one: it changed since this replica last
+    /// saw it. A count of 0 is written only as the reset after a count above 0 seen here, so that the first
+    /// heartbeats after a start-up (almost all at 0) cost no query; a reset nobody saw is still recognised when
+    /// the new version's count comes in below the stored one ([`restarts_since`]).
+    fn restarts_to_write(&self, agent_id: &str, restarts: i64) -> bool {
         let mut map = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > MAX_REMEMBERED {
             map.clear();
         }
-        map.insert(agent_id.to_string(), restarts) != Some(restarts)
+        match map.insert(agent_id.to_string(), restarts) {
+            Some(prev) if prev == restarts => false,
+            Some(prev) => restarts > 0 || prev > 0,
+            None => restarts > 0,
+        }
     }
 }
 
@@ -255,6 +263,19 @@ mod tests {
         assert_eq!(restarts_since(5, 0), 0);
         assert_eq!(restarts_since(5, 1), 1);
         assert_eq!(restarts_since(5, -1), 0);
+    }
+
+    #[test]
+    fn restart_counts_worth_a_query() {
+        let r = Recorded::default();
+        assert!(!r.restarts_to_write("a", 0), "0 after a start-up: no query");
+        assert!(!r.restarts_to_write("a", 0));
+        assert!(r.restarts_to_write("a", 1));
+        assert!(!r.restarts_to_write("a", 1));
+        assert!(r.restarts_to_write("a", 2));
+        assert!(r.restarts_to_write("a", 0), "the reset after a count above 0 is stored");
+        assert!(!r.restarts_to_write("a", 0));
+        assert!(r.restarts_to_write("b", 3));
     }
 
     #[test]
