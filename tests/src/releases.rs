@@ -228,9 +228,10 @@ fn tarball_bytes(spec: &ReleaseSpec, epoch: u64) -> anyhow::Result<Vec<u8>> {
             true,
         )),
     }
+    // No version in the plain real release's bytes: its tarball is the same for every version (and cached).
     entries.push(Entry::file(
         "README.md",
-        format!("n-kudo edge agent {} (test release)\n", spec.version).into_bytes(),
+        b"n-kudo edge agent (test release)\n".to_vec(),
         false,
     ));
     for (path, bytes) in &spec.extra_files {
@@ -242,7 +243,7 @@ fn tarball_bytes(spec: &ReleaseSpec, epoch: u64) -> anyhow::Result<Vec<u8>> {
     // The real binary compresses slowly in a debug build: the plain real release is made once per process.
     static CACHE: OnceLock<Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
     let cacheable = spec.payload == Payload::Real && spec.extra_files.is_empty() && spec.padding == 0;
-    let cache_key = format!("real-{}", spec.version);
+    let cache_key = "real".to_string();
     if cacheable {
         if let Some(b) = CACHE.get_or_init(Default::default).lock().unwrap().get(&cache_key) {
             return Ok(b.clone());
@@ -978,4 +979,114 @@ fn serve_one(
         }
         stream.flush()?;
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A release of the real agent that runs with extra environment (rollout tests)
+
+/// The shell wrapper of [`build_release_with_env`]: `version` prints the version; anything else exports `env`
+/// and execs the real binary copied beside it as `bin/nkudo-edge.real`.
+fn env_wrapper(version: &str, env: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "#!/bin/sh\n# n-kudo test release {version}: the real agent with extra environment\n\
+         for a in \"$@\"; do\n  if [ \"$a\" = version ]; then echo \"nkudo-edge {version}\"; echo \"build: test \
+         wrapper\"; exit 0; fi\ndone\n"
+    );
+    for (k, v) in env {
+        s.push_str(&format!("{k}='{}'\nexport {k}\n", v.replace('\'', "'\\''")));
+    }
+    s.push_str("exec \"$(dirname \"$0\")/nkudo-edge.real\" \"$@\"\n");
+    s
+}
+
+/// A signed release `version` whose `bin/nkudo-edge` is a shell wrapper exporting `env` (e.g.
+/// `MOCK_CH_FAIL_BOOT=1`: the Cloud Hypervisor stand-in the agent starts then fails every boot) before it execs
+/// the real agent binary (`bin/nkudo-edge.real`, as [`Payload::CrashesAfter`] has it). The agent reports the
+/// version it was installed as and updates like the real one; only what it runs behaves differently. Note that
+/// the environment is inherited across the agent's re-exec: after a switch back to another version in exec
+/// restart mode the variables are still set in that process.
+pub fn build_release_with_env(
+    parent: &Path,
+    version: &str,
+    env: &[(&str, &str)],
+    key: &SecretKey,
+) -> anyhow::Result<BuiltRelease> {
+    nkudo_core::version::parse(version).with_context(|| format!("test release version {version:?}"))?;
+    let spec = ReleaseSpec::new(version);
+    let dir = parent.join(format!(
+        "dist-{version}-env-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let epoch = (Utc::now().timestamp() - 60) as u64;
+    let channel = spec.channel();
+    let expires = rfc3339(spec.expires);
+    let entries = vec![
+        Entry::file("bin/nkudo-edge", env_wrapper(version, env).into_bytes(), true),
+        Entry::file("bin/nkudo-edge.real", real_agent_bytes(), true),
+        Entry::file(
+            "README.md",
+            format!("n-kudo edge agent {version} (test release with environment {env:?})\n").into_bytes(),
+            false,
+        ),
+    ];
+    let bytes = tar_gz(&entries, &[], epoch)?;
+    let sign = |name: &str, bytes: &[u8]| -> anyhow::Result<String> {
+        let tc = trusted_comment(epoch, name, version, channel, &expires);
+        let sig = key.sign_prehashed(&blake2b512(bytes), &tc, UNTRUSTED_COMMENT)?;
+        let text = sig.to_file_text();
+        std::fs::write(dir.join(format!("{name}.minisig")), &text)?;
+        Ok(text)
+    };
+    let arch = host_arch();
+    let tarball_name = format!("nkudo-edge-{version}-linux-{arch}.tar.gz");
+    let tarball = dir.join(&tarball_name);
+    std::fs::write(&tarball, &bytes)?;
+    sign(&tarball_name, &bytes)?;
+    let sha256 = releaser::checksums::sha256_hex(&bytes);
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        product: PRODUCT.into(),
+        version: version.to_string(),
+        channel: channel.into(),
+        git_commit: "0123abc".into(),
+        build_date: releaser::dist::rfc3339(epoch).context("epoch")?,
+        expires: expires.clone(),
+        minimum_supported_agent_version: "0.0.0".into(),
+        artifacts: vec![Artifact {
+            name: tarball_name.clone(),
+            component: "nkudo-edge".into(),
+            kind: "tarball".into(),
+            os: "linux".into(),
+            arch: arch.into(),
+            size: bytes.len() as u64,
+            sha256: sha256.clone(),
+        }],
+        promoted_from: None,
+        rollback_of: None,
+    };
+    let manifest_text = manifest.to_canonical_json();
+    std::fs::write(dir.join("manifest.json"), &manifest_text)?;
+    let signature_text = sign("manifest.json", manifest_text.as_bytes())?;
+    let sums = releaser::checksums::render(&[
+        (tarball_name.clone(), sha256.clone()),
+        (
+            "manifest.json".into(),
+            releaser::checksums::sha256_hex(manifest_text.as_bytes()),
+        ),
+    ]);
+    std::fs::write(dir.join("SHA256SUMS"), &sums)?;
+    sign("SHA256SUMS", sums.as_bytes())?;
+    std::fs::write(dir.join(PUBLIC_KEY_FILE), key.public_key().to_file_text())?;
+    Ok(BuiltRelease {
+        dir,
+        version: version.to_string(),
+        channel: channel.into(),
+        manifest_text,
+        signature_text,
+        tarball_name,
+        tarball,
+        size: bytes.len() as u64,
+        sha256,
+    })
 }

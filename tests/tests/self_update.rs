@@ -257,15 +257,15 @@ async fn bad_updates_are_refused_and_the_agent_stays_on_a() -> anyhow::Result<()
     // ... and `releaser publish` refuses it before sending anything (exit 3).
     let out = releaser_publish(&cp, &expired.dir, &[]);
     assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
-    // 3b. One that expires between the offer and the agent's check: published valid, targeted while the agent is
-    // down, expired when the agent sees it.
+    // 3b. One that expires between the offer and the agent's check: the agent is down while it is published
+    // (valid) and targeted, and sees it only once it expired.
+    host.stop_agent(Duration::from_secs(30)).await?;
     let expiring = build_release(
         tmp.path(),
-        &ReleaseSpec::new("0.1.6").expires_in(Duration::from_secs(8)),
+        &ReleaseSpec::new("0.1.6").expires_in(Duration::from_secs(20)),
         &key,
     )?;
     publish_ok(&cp, &expiring, &[])?;
-    host.stop_agent(Duration::from_secs(30)).await?;
     let r = set_desired(&cp, DesiredScope::Agent, Some(&id), &expiring.version, false).await?;
     assert!(r.status().is_success(), "{}", r.text().await?);
     let wait = chrono::DateTime::parse_from_rfc3339(&expiring.manifest().expires)?.with_timezone(&chrono::Utc)
