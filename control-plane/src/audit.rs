@@ -172,7 +172,7 @@ pub async fn record(conn: &mut AnyConnection, ev: &AuditEvent) -> Result<(), sql
 /// Failures are logged: the request they belong to has already been refused.
 pub async fn record_standalone(db: &crate::db::Db, ev: AuditEvent) {
     let result = async {
-        let mut tx = db.pool.begin().await?;
+        let mut tx = db.begin_write().await?;
         record(&mut tx, &ev).await?;
         tx.commit().await
     }

@@ -179,6 +179,20 @@ impl Db {
         result
     }
 
+    /// Begins a transaction that will write. On SQLite it takes the write lock at once (a no-op UPDATE as its
+    /// first statement), waiting under `busy_timeout`: a deferred transaction that reads first and writes later
+    /// fails at once with SQLITE_BUSY when another connection committed a write in between (WAL snapshots cannot
+    /// be upgraded), which under load turned into 500s. On Postgres this is a plain BEGIN.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Sqlite {
+            sqlx::query("UPDATE schema_migrations SET applied_at = applied_at WHERE version = ''")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
     /// A cheap round trip, for `/readyz`.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query_scalar::<_, i64>("SELECT 1")

@@ -146,7 +146,7 @@ async fn write_batch(db: &Db, batch: &HashMap<String, PendingHeartbeat>) -> Resu
     // A stable order keeps concurrent writers (other replicas) from deadlocking on row locks.
     let mut items: Vec<&PendingHeartbeat> = batch.values().collect();
     items.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     for hb in &items {
         let netbird = hb.netbird.as_ref().and_then(|n| serde_json::to_string(n).ok());
         sqlx::query(

@@ -354,7 +354,7 @@ pub async fn lease(
     } else {
         ""
     };
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     let mut leased: Vec<(String, i64)> = sqlx::query_as(&format!(
         "UPDATE plans SET leased_by_agent_id = $1, lease_expires_at = $2, \
            status = CASE WHEN status = 'PENDING' THEN 'IN_PROGRESS' ELSE status END, \

@@ -31,7 +31,7 @@ pub async fn recompute_site(conn: &mut AnyConnection, site_id: &str, now: i64) -
 pub async fn sweep_offline(state: &SharedState) -> Result<usize, sqlx::Error> {
     let now = now_ms();
     let cutoff = now - state.cfg.heartbeat_offline_after.as_millis() as i64;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let sites: Vec<String> = sqlx::query_scalar(
         "UPDATE agents SET state = 'OFFLINE', updated_at = $1 WHERE state <> 'OFFLINE' \
          AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $2) RETURNING site_id",

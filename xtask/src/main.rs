@@ -5,14 +5,17 @@
 //!   `cargo clippy -D warnings`, `cargo build --workspace --bins --tests`, `releaser lint-deploy deployments/`, the
 //!   release build the dist tests check
 //!   (cross toolchain and test tools, a signing key made for the run, `cargo xtask dist`'s work twice into
-//!   `target/dist-test/{first,second}`), the edge tests' tools (genisoimage, iproute2, iputils-ping, qemu-utils;
-//!   installed with apt-get when missing, required with CI=true), `cargo test --workspace --no-fail-fast`.
+//!   `target/dist-test/{first,second}`), the edge tests' tools (genisoimage, iproute2, iputils-ping, qemu-utils,
+//!   prometheus; installed with apt-get when missing, required with CI=true), `cargo test --workspace
+//!   --no-fail-fast`.
 //!   The workspace root is the checkout `cargo xtask` runs in (found at run time, not compiled in).
 //! * `cargo xtask dist [--version V] [--target T]... [--out DIR] [--key FILE]`: the release directory (static musl
 //!   cross builds with cargo-zigbuild, packages, OCI archive, SHA256SUMS, manifest, minisign signatures): builds
 //!   `releaser` for this machine and runs `releaser dist`, where the logic lives.
 //! * `cargo xtask bench heartbeat [...]`: builds the control plane and `nkudo-bench` in release and runs the
 //!   heartbeat benchmark against SQLite and/or Postgres.
+//! * `cargo xtask bench rollout [--agents N] [--backend sqlite|postgres]`: the rollout controller's cycle time
+//!   over a large simulated fleet.
 //!
 //! Deliberately light (anyhow + clap, `std::process::Command`) so that it compiles in seconds. Child output is
 //! streamed, never captured, except for short probes (`pg_isready`, `psql -c 'select 1'`).
@@ -87,6 +90,21 @@ struct TestArgs {
 enum BenchCmd {
     /// Enroll N simulated agents and drive heartbeats over mTLS for a fixed time; prints throughput and latency.
     Heartbeat(HeartbeatArgs),
+    /// The rollout controller's cycle time over a large simulated fleet (default 100,000 agents).
+    Rollout(RolloutBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct RolloutBenchArgs {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 100_000)]
+    agents: u32,
+    /// sqlite or postgres.
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    /// Seconds of steady-state cycles to measure.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -137,6 +155,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) | Cmd::Ci(args) => test(ctx, args),
         Cmd::Setup => setup(ctx),
         Cmd::Bench(BenchCmd::Heartbeat(args)) => bench_heartbeat(ctx, args),
+        Cmd::Bench(BenchCmd::Rollout(args)) => bench_rollout(ctx, args),
         Cmd::Dist(args) => dist(ctx, args),
     };
     match result {
@@ -307,7 +326,7 @@ fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
     // before `cargo test`, because a test cannot run cargo (the target directory lock).
     dist_for_tests(&mut ctx)?;
     ctx.step(
-        "edge test tools (genisoimage, iproute2, iputils-ping, qemu-utils)",
+        "edge test tools (genisoimage, iproute2, iputils-ping, qemu-utils, prometheus)",
         |ctx| ensure_edge_test_tools(ctx).map(|_| ()),
     )?;
     // The harness finds the binaries next to the test executables (target/debug); NKUDO_BIN_DIR is not set.
@@ -835,7 +854,8 @@ fn ensure_dist_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
 }
 
 /// Tools the edge tests (tests/tests/edge_*.rs) run: genisoimage (cloud-init seed ISOs), ip (bridges and taps),
-/// ping and qemu-img (disk images). Same rule as the dist tools: installed with apt-get when possible; with
+/// ping and qemu-img (disk images), and prometheus (the rollout tests, tests/tests/rollouts.rs, scrape the control
+/// plane with a real Prometheus). Same rule as the dist tools: installed with apt-get when possible; with
 /// CI=true nothing may be missing.
 fn ensure_edge_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
     ensure_tools(
@@ -845,6 +865,7 @@ fn ensure_edge_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
             ("ip", "iproute2"),
             ("ping", "iputils-ping"),
             ("qemu-img", "qemu-utils"),
+            ("prometheus", "prometheus"),
         ],
         "the edge tests",
     )
@@ -1010,6 +1031,53 @@ fn bench_heartbeat(mut ctx: Ctx, args: HeartbeatArgs) -> Result<()> {
         output.into(),
     ];
     bench_args.extend(args.bench_args.iter().cloned());
+    ctx.step(&format!("nkudo-bench {}", bench_args.join(" ")), |ctx| {
+        let mut cmd = Command::new(&bench);
+        cmd.args(&bench_args)
+            .env("NKUDO_BIN_DIR", &release)
+            .current_dir(&ctx.root)
+            .stdin(Stdio::null());
+        for (k, v) in &ctx.env {
+            cmd.env(k, v);
+        }
+        run(&mut cmd)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// cargo xtask bench rollout
+
+fn bench_rollout(mut ctx: Ctx, args: RolloutBenchArgs) -> Result<()> {
+    if args.backend == "postgres" {
+        ctx.step("Postgres at 127.0.0.1:5432 (NKUDO_TEST_PG_URL)", |ctx| {
+            ensure_postgres(ctx, "benchmark")
+        })?;
+    }
+    ctx.step("cargo build --release (control plane, nkudo-bench)", |ctx| {
+        run(&mut ctx.cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "nkudo-control-plane",
+            "-p",
+            "nkudo-tests",
+            "--bin",
+            "nkudo-control-plane",
+            "--bin",
+            "nkudo-bench",
+        ]))
+    })?;
+    let release = ctx.target_dir().join("release");
+    let bench = release.join(format!("nkudo-bench{}", std::env::consts::EXE_SUFFIX));
+    let bench_args = vec![
+        "rollout".to_string(),
+        "--agents".into(),
+        args.agents.to_string(),
+        "--backend".into(),
+        args.backend.clone(),
+        "--duration".into(),
+        args.duration.to_string(),
+    ];
     ctx.step(&format!("nkudo-bench {}", bench_args.join(" ")), |ctx| {
         let mut cmd = Command::new(&bench);
         cmd.args(&bench_args)

@@ -121,7 +121,7 @@ async fn advance(state: &SharedState, mut r: RolloutRow) -> Result<(), CycleErro
             return Ok(());
         }
     };
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let conn: &mut AnyConnection = &mut tx;
     let mut stages = store::stages(conn, &r.id).await?;
     let idx = r.current_stage.max(0) as usize;

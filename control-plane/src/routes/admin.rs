@@ -70,7 +70,7 @@ pub async fn create_tenant(
         created_at: rfc3339(now),
         updated_at: rfc3339(now),
     };
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let inserted = sqlx::query(
         "INSERT INTO tenants (id, slug, name, primary_region, data_retention_days, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $6)",
@@ -156,7 +156,7 @@ pub async fn create_api_key(
     if exists.is_none() {
         return Err(ApiError::not_found("tenant"));
     }
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let id = new_id();
     let plaintext = format!("nk_{}", random_secret());
     let now = now_ms();

@@ -173,7 +173,7 @@ pub async fn heartbeat(
             })
             .collect();
         if !transitions.is_empty() {
-            let mut tx = state.db.pool.begin().await?;
+            let mut tx = state.db.begin_write().await?;
             sqlx::query("UPDATE agents SET updated_at = updated_at WHERE id = $1")
                 .bind(&auth.agent.id)
                 .execute(&mut *tx)
@@ -294,7 +294,7 @@ pub async fn renew(
     })?;
     let refresh_token = random_secret();
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     // Only the certificate that authenticated this request may be replaced (no lost update between two renewals).
     let updated = sqlx::query(
         "UPDATE agents SET cert_serial = $1, cert_expires_at = $2, refresh_token_hash = $3, auth_changed_at = $4, \
@@ -350,7 +350,7 @@ pub async fn unenroll(
         .unwrap_or_else(|| "unenrolled by agent".into());
     let agent = &auth.agent;
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     sqlx::query(
         "UPDATE agents SET revoked_at = $1, revoke_reason = $2, state = 'OFFLINE', auth_changed_at = $1, \
          updated_at = $1 WHERE id = $3 AND revoked_at IS NULL",

@@ -97,7 +97,7 @@ pub async fn report_results(
         )));
     }
     let who = lessee(&auth);
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     // SQLite: the transaction must begin with a write, so take the agent's row first (a no-op update).
     sqlx::query("UPDATE agents SET updated_at = updated_at WHERE id = $1")
         .bind(who.agent_id)
@@ -163,7 +163,7 @@ async fn ingest(state: &SharedState, auth: &AgentAuth, entries: &[LogEntry]) -> 
     let who = lessee(auth);
     let now = now_ms();
     let mut accepted = 0i64;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     sqlx::query("UPDATE agents SET updated_at = updated_at WHERE id = $1")
         .bind(who.agent_id)
         .execute(&mut *tx)

@@ -138,7 +138,7 @@ pub async fn set_desired(
         set_by: "admin".into(),
         set_at: now,
     };
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     sqlx::query(
         "INSERT INTO desired_versions (scope, target, version, rollback, set_by, set_at) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (scope, target) DO UPDATE SET version = excluded.version, rollback = excluded.rollback, \
@@ -202,7 +202,7 @@ pub async fn clear_desired(
         .ok_or_else(|| ApiError::validation("scope must be fleet, ring, site or agent"))?;
     let target = q.target.clone().unwrap_or_default();
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let n = sqlx::query(
         "UPDATE desired_versions SET version = '', rollback = 0, set_by = 'admin', set_at = $1 \
          WHERE scope = $2 AND target = $3 AND version <> ''",
@@ -261,7 +261,7 @@ async fn write_site_labels(
     labels: &BTreeMap<String, String>,
 ) -> ApiResult<Site> {
     let json = check_labels(labels)?;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let n = sqlx::query("UPDATE sites SET labels_json = $1, updated_at = $2 WHERE id = $3")
         .bind(&json)
         .bind(now_ms())
@@ -328,7 +328,7 @@ async fn write_agent_labels(
     labels: &BTreeMap<String, String>,
 ) -> ApiResult<nkudo_core::api::Agent> {
     let json = check_labels(labels)?;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let n = sqlx::query(
         "UPDATE agents SET labels_json = $1, updated_at = $2 WHERE id = $3 AND ($4 = '' OR tenant_id = $4)",
     )

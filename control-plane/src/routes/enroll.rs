@@ -192,7 +192,7 @@ pub async fn enroll(
 
     // 3. One transaction: consume the token (first statement: the write lock), host, agent, audit.
     let refresh_token = random_secret();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let consumed = sqlx::query(
         "UPDATE enrollment_tokens SET used_at = $1, used_by_agent_id = $2 \
          WHERE id = $3 AND used_at IS NULL AND expires_at > $1",

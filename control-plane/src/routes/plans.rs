@@ -143,7 +143,7 @@ pub async fn apply_plan(
 
     let plan_id = new_id();
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     // First statement writes: it locks the site, serialising plan versions of one site.
     sqlx::query("UPDATE sites SET updated_at = $1 WHERE id = $2")
         .bind(now)

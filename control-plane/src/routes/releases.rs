@@ -87,7 +87,7 @@ pub async fn publish_release(
             )));
         }
     }
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let existing = sqlx::query("SELECT manifest, signature FROM releases WHERE version = $1")
         .bind(&m.version)
         .fetch_optional(&mut *tx)
@@ -361,7 +361,7 @@ pub async fn upload_artifact(
     if uploaded != 0 {
         return Ok((StatusCode::OK, Json(info)));
     }
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     // `content IS NULL`: of two concurrent uploads of the same (checked) bytes, one stores and audits them.
     let stored = sqlx::query(
         "UPDATE release_artifacts SET content = $1, uploaded_at = $2 WHERE version = $3 AND name = $4 \

@@ -85,7 +85,7 @@ pub async fn start_rollout(
 ) -> ApiResult<(StatusCode, Json<Rollout>)> {
     let policy = parse(&req)?;
     let version = policy.version.to_string();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     if let Some(active) = store::active(&mut tx).await? {
         return Err(ApiError::conflict(format!(
             "rollout {} of {} is {}: abort it or wait for it to finish",
@@ -189,7 +189,7 @@ pub struct ActionBody {
 
 async fn act(state: &SharedState, id: &str, body: ActionBody, action: &'static str) -> Result<Json<Rollout>, ApiError> {
     let reason = body.reason.map(|r| r.chars().take(500).collect::<String>());
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let mut r = load(&mut tx, id).await?;
     let loaded_at = r.updated_at;
     let now = now_ms();
@@ -311,7 +311,7 @@ pub async fn fleet_rollback(
     let version = nkudo_core::version::parse(&req.version)
         .map_err(|e| ApiError::validation(format!("version: {e}")))?
         .to_string();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     if let Some(e) = release_problem(&mut tx, &version).await? {
         return Err(e);
     }

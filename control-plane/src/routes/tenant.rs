@@ -98,7 +98,7 @@ pub async fn create_site(
         created_at: rfc3339(now),
         labels: Default::default(),
     };
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let inserted = sqlx::query(
         "INSERT INTO sites (id, tenant_id, name, external_key, location_country_code, connectivity_state, \
          created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'OFFLINE', $6, $6)",
@@ -170,7 +170,7 @@ pub async fn create_enrollment_token(
     let token = random_secret();
     let id = new_id();
     let expires_at = now + ttl_secs * 1000;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     sqlx::query(
         "INSERT INTO enrollment_tokens (id, tenant_id, site_id, token_hash, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -285,7 +285,7 @@ pub async fn revoke_agent(
         return Err(ApiError::validation("reason must be at most 500 characters"));
     }
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let updated = sqlx::query(
         "UPDATE agents SET revoked_at = $1, revoke_reason = $2, state = 'OFFLINE', auth_changed_at = $1, \
          updated_at = $1 WHERE id = $3 AND tenant_id = $4 AND revoked_at IS NULL",
@@ -417,7 +417,7 @@ pub async fn delete_api_key(
     auth.require_tenant(&state, &ctx, &tenant_id).await?;
     let key_id = path_id("api key", &key_id)?;
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     let updated =
         sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL")
             .bind(now)

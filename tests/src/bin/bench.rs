@@ -52,7 +52,12 @@ struct Cli {
 enum Cmd {
     /// Enroll N agents and drive mTLS heartbeats from C keep-alive connections for a fixed time.
     Heartbeat(HeartbeatArgs),
+    /// The rollout controller's cycle time over a large simulated fleet.
+    Rollout(rollout::RolloutArgs),
 }
+
+#[path = "bench/rollout.rs"]
+mod rollout;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendArg {
@@ -147,6 +152,7 @@ async fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Cmd::Heartbeat(args) => heartbeat(args).await,
+        Cmd::Rollout(args) => rollout::run(args).await,
     };
     match outcome {
         Ok(true) => {}
