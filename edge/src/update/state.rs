@@ -286,7 +286,7 @@ pub fn watch_decision(
         let reason = if state.stopped_during_trial {
             format!("{to} was stopped (signal) during the trial, before it committed; back on the previous version")
         } else {
-            format!("{to} exited during the trial, before a healthy heartbeat; back on the previous version")
+            format!("{to} exited during the trial, before it committed; back on the previous version")
         };
         return WatchDecision::RollBack { reason, restart };
     }
