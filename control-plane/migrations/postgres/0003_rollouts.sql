@@ -46,7 +46,8 @@ CREATE TABLE rollout_agents (
     switched_at BIGINT,
     PRIMARY KEY (rollout_id, agent_id)
 );
-CREATE INDEX idx_rollout_agents_stage ON rollout_agents (rollout_id, stage_idx);
+-- The controller reads a stage's members still switching, and the next ones in switching order.
+CREATE INDEX idx_rollout_agents_stage ON rollout_agents (rollout_id, stage_idx, switched_at, bucket, agent_id);
 
 -- Append-only, hash-chained per rollout.
 CREATE TABLE rollout_decisions (
@@ -82,3 +83,5 @@ CREATE INDEX idx_enrollment_attempts_at ON enrollment_attempts (at);
 -- The agent version that ran each execution (plan failure rate by version).
 ALTER TABLE executions ADD COLUMN agent_version TEXT;
 CREATE INDEX idx_executions_completed ON executions (completed_at);
+-- Statistics by agent version (the builtin metrics source).
+CREATE INDEX idx_agents_version ON agents (agent_version);

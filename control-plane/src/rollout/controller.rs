@@ -19,6 +19,18 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use tokio::sync::watch;
 
+/// At most this many agents are switched in one cycle (whatever the blast radius allows), so that a cycle stays
+/// short however large a stage is.
+const MAX_SWITCH_PER_CYCLE: usize = 5_000;
+
+/// Whether a member reports `target` (SemVer equality, build metadata ignored).
+fn reports(m: &store::MemberRow, target: &semver::Version) -> bool {
+    m.agent_version
+        .as_deref()
+        .and_then(|v| nkudo_core::version::parse(v).ok())
+        .is_some_and(|v| nkudo_core::rollout::machine::on_version(Some(&v), target))
+}
+
 /// Name of the lease row.
 pub const LEASE: &str = "rollout-controller";
 /// Enrollment attempts are kept a week (the builtin enrollment failure rate looks back a window of minutes).
@@ -429,10 +441,30 @@ async fn step(
     };
     let phase = stage_phase(&row);
     let approved = r.approved_stage == idx as i64;
+    // Only what the step needs: the members still switching (switched, not yet on the version) and the next
+    // candidates in switching order, never the whole stage (a stage of 100,000 agents stays cheap per cycle).
     let members: Vec<Member> = if phase == StagePhase::Switching {
-        store::members(conn, &r.id, Some(idx as i64))
+        let target = policy.version.to_string();
+        let in_flight: Vec<store::MemberRow> = store::in_flight(conn, &r.id, idx as i64, &target)
             .await?
             .into_iter()
+            .filter(|m| !reports(m, &policy.version))
+            .collect();
+        let room = stage
+            .max_concurrent
+            .map(|n| (n as usize).saturating_sub(in_flight.len()))
+            .unwrap_or(MAX_SWITCH_PER_CYCLE)
+            .min(MAX_SWITCH_PER_CYCLE);
+        // Per-site caps may skip candidates: read more than the room.
+        let want = if stage.max_concurrent_per_site.is_some() {
+            room * 4
+        } else {
+            room
+        };
+        let pending = store::pending(conn, &r.id, idx as i64, &target, want.max(1) as i64).await?;
+        in_flight
+            .into_iter()
+            .chain(pending.into_iter().filter(|m| !reports(m, &policy.version)))
             .map(|m| Member {
                 reported_version: m
                     .agent_version

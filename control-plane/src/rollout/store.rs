@@ -227,6 +227,28 @@ pub async fn touched_ids(conn: &mut AnyConnection, rollout_id: &str) -> Result<V
         .await
 }
 
+/// Rows per multi-row INSERT (6 parameters each: well under SQLite's and Postgres's parameter limits).
+const INSERT_CHUNK: usize = 500;
+
+/// `($1, $2, ...), (...)` for `rows` rows of `cols` parameters.
+fn values_list(rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("${}", r * cols + c + 1));
+        }
+        out.push(')');
+    }
+    out
+}
+
 /// Records the members of a stage as it starts.
 pub async fn add_members(
     conn: &mut AnyConnection,
@@ -234,19 +256,22 @@ pub async fn add_members(
     stage_idx: i64,
     members: &[(String, String, u64, String)],
 ) -> Result<(), sqlx::Error> {
-    for (agent_id, site_id, bucket, previous) in members {
-        sqlx::query(
-            "INSERT INTO rollout_agents (rollout_id, agent_id, stage_idx, site_id, bucket, previous_version) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(rollout_id)
-        .bind(agent_id)
-        .bind(stage_idx)
-        .bind(site_id)
-        .bind(*bucket as i64)
-        .bind(previous)
-        .execute(&mut *conn)
-        .await?;
+    for chunk in members.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "INSERT INTO rollout_agents (rollout_id, agent_id, stage_idx, site_id, bucket, previous_version) VALUES {}",
+            values_list(chunk.len(), 6)
+        );
+        let mut q = sqlx::query(&sql);
+        for (agent_id, site_id, bucket, previous) in chunk {
+            q = q
+                .bind(rollout_id)
+                .bind(agent_id)
+                .bind(stage_idx)
+                .bind(site_id)
+                .bind(*bucket as i64)
+                .bind(previous);
+        }
+        q.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -298,19 +323,89 @@ pub async fn members(
     Ok(out)
 }
 
+const MEMBER_SELECT: &str = "SELECT ra.agent_id, ra.site_id, ra.bucket, ra.previous_version, ra.switched_at, \
+     a.agent_version, a.update_json FROM rollout_agents ra LEFT JOIN agents a ON a.id = ra.agent_id";
+
+fn member_rows(rows: Vec<sqlx::any::AnyRow>) -> Result<Vec<MemberRow>, sqlx::Error> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let update: Option<String> = r.try_get(6)?;
+        let phase = update
+            .and_then(|u| serde_json::from_str::<UpdateStatus>(&u).ok())
+            .map(|u| u.phase)
+            .unwrap_or_default();
+        let bucket: i64 = r.try_get(2)?;
+        out.push(MemberRow {
+            agent_id: r.try_get(0)?,
+            site_id: r.try_get(1)?,
+            bucket: bucket.max(0) as u64,
+            previous_version: r.try_get(3)?,
+            switched_at: r.try_get(4)?,
+            agent_version: r.try_get(5)?,
+            phase,
+        });
+    }
+    Ok(out)
+}
+
+/// Members of a stage that were switched and do not report `target` as text (the caller re-checks SemVer
+/// equality): the ones still switching.
+pub async fn in_flight(
+    conn: &mut AnyConnection,
+    rollout_id: &str,
+    stage_idx: i64,
+    target: &str,
+) -> Result<Vec<MemberRow>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "{MEMBER_SELECT} WHERE ra.rollout_id = $1 AND ra.stage_idx = $2 AND ra.switched_at IS NOT NULL \
+         AND (a.agent_version IS NULL OR a.agent_version <> $3)"
+    ))
+    .bind(rollout_id)
+    .bind(stage_idx)
+    .bind(target)
+    .fetch_all(&mut *conn)
+    .await?;
+    member_rows(rows)
+}
+
+/// The next `limit` members of a stage not switched yet and not reporting `target`, in switching order.
+pub async fn pending(
+    conn: &mut AnyConnection,
+    rollout_id: &str,
+    stage_idx: i64,
+    target: &str,
+    limit: i64,
+) -> Result<Vec<MemberRow>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "{MEMBER_SELECT} WHERE ra.rollout_id = $1 AND ra.stage_idx = $2 AND ra.switched_at IS NULL \
+         AND (a.agent_version IS NULL OR a.agent_version <> $3) ORDER BY ra.bucket, ra.agent_id LIMIT $4"
+    ))
+    .bind(rollout_id)
+    .bind(stage_idx)
+    .bind(target)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    member_rows(rows)
+}
+
 pub async fn mark_switched(
     conn: &mut AnyConnection,
     rollout_id: &str,
     agent_ids: &[String],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    for id in agent_ids {
-        sqlx::query("UPDATE rollout_agents SET switched_at = $1 WHERE rollout_id = $2 AND agent_id = $3")
-            .bind(now)
-            .bind(rollout_id)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+    for chunk in agent_ids.chunks(INSERT_CHUNK) {
+        let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+        let sql = format!(
+            "UPDATE rollout_agents SET switched_at = $1 WHERE rollout_id = $2 AND agent_id IN ({})",
+            list.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(now).bind(rollout_id);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        q.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -323,20 +418,24 @@ pub async fn set_agent_desired(
     set_by: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    for (agent_id, version) in entries {
-        sqlx::query(
-            "INSERT INTO desired_versions (scope, target, version, rollback, set_by, set_at) \
-             VALUES ('agent', $1, $2, $3, $4, $5) ON CONFLICT (scope, target) DO UPDATE SET \
-             version = excluded.version, rollback = excluded.rollback, set_by = excluded.set_by, \
-             set_at = excluded.set_at",
-        )
-        .bind(agent_id)
-        .bind(version)
-        .bind(if rollback { 1i64 } else { 0 })
-        .bind(set_by)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
+    for chunk in entries.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "INSERT INTO desired_versions (scope, target, version, rollback, set_by, set_at) VALUES {} \
+             ON CONFLICT (scope, target) DO UPDATE SET version = excluded.version, rollback = excluded.rollback, \
+             set_by = excluded.set_by, set_at = excluded.set_at",
+            values_list(chunk.len(), 6)
+        );
+        let mut q = sqlx::query(&sql);
+        for (agent_id, version) in chunk {
+            q = q
+                .bind("agent")
+                .bind(agent_id)
+                .bind(version)
+                .bind(if rollback { 1i64 } else { 0 })
+                .bind(set_by)
+                .bind(now);
+        }
+        q.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -524,4 +623,13 @@ pub async fn save_if_unchanged(conn: &mut AnyConnection, r: &RolloutRow, loaded_
     .execute(&mut *conn)
     .await?;
     Ok(res.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_lists() {
+        assert_eq!(super::values_list(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(super::values_list(1, 1), "($1)");
+    }
 }
