@@ -23,6 +23,7 @@ pub mod db;
 pub mod edge;
 pub mod harness;
 pub mod plans;
+pub mod prometheus;
 pub mod rawtls;
 pub mod releases;
 
