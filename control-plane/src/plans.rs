@@ -444,11 +444,21 @@ impl Applied {
     /// Counts the finished executions in `nkudo_plan_executions_total` (call after the commit).
     pub fn count(&self, metrics: &crate::metrics::Metrics) {
         for (state, version) in &self.finished {
-            let result = if *state == "SUCCEEDED" { "succeeded" } else { "failed" };
+            let (result, other) = if *state == "SUCCEEDED" {
+                ("succeeded", "failed")
+            } else {
+                ("failed", "succeeded")
+            };
             metrics
                 .plan_executions
                 .with_label_values(&[result, version.as_str()])
                 .inc();
+            // Both series exist from a version's first execution, so a failure rate over them is 0, never "no
+            // data", for a version that never failed (the control group of a rollout).
+            metrics
+                .plan_executions
+                .with_label_values(&[other, version.as_str()])
+                .inc_by(0);
         }
     }
 }
