@@ -191,7 +191,7 @@ impl DesiredCache {
         Ok(())
     }
 
-    /// Every agent's site and effective labels (labels change rarely: every few seconds, and at once for writes
+    /// Every agent's site and effective labels (labels change rarely: every 30 s, and at once for writes
     /// made by this replica through [`DesiredCache::refresh_places`]).
     pub async fn refresh_places(&self, pool: &AnyPool) -> Result<(), sqlx::Error> {
         let rows = sqlx::query(
