@@ -691,6 +691,12 @@ async fn start_stage(
         })
         .collect();
     store::add_members(conn, &r.id, idx as i64, &members).await?;
+    if state.db.backend == crate::db::Backend::Postgres && members.len() > 1000 {
+        // Fresh statistics for the stage just recorded: without them the planner reads a large stage whole
+        // instead of walking the (rollout, stage, switched_at, bucket) index (seen: 0.9 s instead of ms per cycle
+        // with 100,000 members).
+        sqlx::query("ANALYZE rollout_agents").execute(&mut *conn).await?;
+    }
     if idx == 0 {
         record_baselines(state, conn, policy, r, now).await;
     }
