@@ -160,6 +160,8 @@ pub enum RolloutCommand {
     Approve(IdArgs),
     /// Abort a rollout: stop, and send every agent it touched back to the previous version.
     Abort(AbortArgs),
+    /// Clear the bad mark a rolled-back rollout left on a release, so that it may be desired again.
+    ClearBad(ClearBadArgs),
 }
 
 /// `rollout plan <policy.toml>`.
@@ -234,6 +236,15 @@ pub struct AbortArgs {
     /// Do not ask (required when stdin is not a terminal).
     #[arg(long, short = 'y')]
     pub yes: bool,
+    #[command(flatten)]
+    pub conn: ConnectionArgs,
+}
+
+/// `rollout clear-bad <version>`.
+#[derive(Debug, Args)]
+pub struct ClearBadArgs {
+    /// The release version.
+    pub version: String,
     #[command(flatten)]
     pub conn: ConnectionArgs,
 }
@@ -355,7 +366,19 @@ pub async fn run_rollout_to(cmd: RolloutCommand, out: &mut Out<'_>) -> Result<Ex
         RolloutCommand::Resume(a) => cmd_action(&a.id, "resume", &a.conn, out).await,
         RolloutCommand::Approve(a) => cmd_action(&a.id, "approve", &a.conn, out).await,
         RolloutCommand::Abort(a) => cmd_abort(a, out).await,
+        RolloutCommand::ClearBad(a) => cmd_clear_bad(a, out).await,
     }
+}
+
+async fn cmd_clear_bad(a: ClearBadArgs, out: &mut Out<'_>) -> Result<ExitCode> {
+    let version = nkudo_core::version::parse(&a.version).with_context(|| format!("version {:?}", a.version))?;
+    let api = Api::new(&a.conn)?;
+    api.delete(&format!("/admin/releases/{version}/bad")).await?;
+    match a.conn.output {
+        Output::Json => out.json(&serde_json::json!({"version": version.to_string(), "bad": false}), true)?,
+        Output::Text => out.print(&format!("{version} is no longer marked bad"))?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// [`run_rollback`] printing to `out`.
@@ -888,6 +911,28 @@ impl Api {
 
     async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T> {
         self.send("POST", path, Some(body)).await
+    }
+
+    /// A DELETE answered without a body (204).
+    async fn delete(&self, path: &str) -> Result<()> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .client
+            .delete(&url)
+            .header("X-Admin-Key", &self.admin_key)
+            .send()
+            .await
+            .map_err(|source| ApiError::Unreachable {
+                method: "DELETE",
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            return Err(http_error("DELETE", &url, status, &bytes).into());
+        }
+        Ok(())
     }
 
     async fn send<T: serde::de::DeserializeOwned>(

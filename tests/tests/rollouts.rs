@@ -716,6 +716,17 @@ async fn plan_failures_roll_back(with_prometheus: bool) -> anyhow::Result<Breach
 
     let (code, out) = status_wait_result(status, Duration::from_secs(60)).await?;
     assert_eq!(code, 3, "status --wait exits 3 on a rollback: {}", output_text(&out));
+
+    // An operator clears the mark (`releaser rollout clear-bad`): the version may be desired again.
+    let out = rollout_output(&cp, &["clear-bad", B]);
+    assert!(
+        out.status.success(),
+        "releaser rollout clear-bad: {}",
+        output_text(&out)
+    );
+    assert_eq!(release_info(&cp, B).await?["bad"], false);
+    let out = rollout_output(&cp, &["clear-bad", "9.9.9"]);
+    assert_eq!(out.status.code(), Some(1), "an unknown release: {}", output_text(&out));
     if let Some(p) = &prometheus {
         // The control plane's series are in Prometheus.
         let q = format!("sum(nkudo_plan_executions_total{{agent_version=\"{B}\",result=\"failed\"}})");
