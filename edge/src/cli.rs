@@ -355,42 +355,9 @@ pub struct ApplyArgs {
     pub provider: ProviderArgs,
 }
 
-/// Parses `15s`, `500ms`, `2m`, `1h`, `1m30s`, `1.5s` or bare seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("invalid duration {s:?}: missing unit (ms, s, m, h)"))?;
-        let (num, tail) = rest.split_at(num_end);
-        let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let mult = match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-        };
-        total += n * mult;
-        rest = tail;
-    }
-    if !total.is_finite() || total < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(total))
-}
+/// Durations in flags and the config file: the one parser the workspace shares (`15s`, `500ms`, `2m`, `1h`,
+/// `1m30s`, `1.5s` or bare seconds; at most ten years).
+pub use nkudo_core::duration::parse_duration;
 
 /// Parses a rate in bytes/s: `500000`, `512k`/`512K`/`512KiB` (×1024), `2M`/`2MiB` (×1024²), `1G` (×1024³).
 pub fn parse_rate(s: &str) -> Result<u64, String> {
