@@ -182,13 +182,41 @@ pub async fn record_standalone(db: &crate::db::Db, ev: AuditEvent) {
     }
 }
 
+/// A broken chain: whose it is and the first problem found in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainProblem {
+    /// The chain's tenant id; empty for the system chain.
+    pub tenant_id: String,
+    /// Human-readable description of the first problem (names the tenant and the event's seq).
+    pub message: String,
+}
+
+impl std::fmt::Display for ChainProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// What `audit verify` found.
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     pub chains: usize,
     pub events: usize,
-    /// Human-readable problems, first per chain; empty when everything verifies.
-    pub problems: Vec<String>,
+    /// The first problem of each broken chain; empty when everything verifies.
+    pub problems: Vec<ChainProblem>,
+}
+
+impl VerifyReport {
+    /// The tenant ids of the broken chains (`""`: the system chain), each once, in report order.
+    pub fn broken_tenants(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for p in &self.problems {
+            if !out.contains(&p.tenant_id.as_str()) {
+                out.push(&p.tenant_id);
+            }
+        }
+        out
+    }
 }
 
 /// Walks every chain: sequence numbers without gaps, each `prev_hash` equal to the previous `entry_hash`,
@@ -291,8 +319,11 @@ pub async fn verify(db: &crate::db::Db) -> Result<VerifyReport, sqlx::Error> {
                 expected_seq - 1
             ));
         }
-        if let Some(p) = problem {
-            report.problems.push(p);
+        if let Some(message) = problem {
+            report.problems.push(ChainProblem {
+                tenant_id: tenant.clone(),
+                message,
+            });
         }
     }
     let orphans: Vec<String> = sqlx::query_scalar("SELECT DISTINCT tenant_id FROM audit_events")
@@ -300,7 +331,10 @@ pub async fn verify(db: &crate::db::Db) -> Result<VerifyReport, sqlx::Error> {
         .await?;
     for t in orphans {
         if !head_tenants.contains(&t) {
-            report.problems.push(format!("tenant {t}: events without a chain head"));
+            report.problems.push(ChainProblem {
+                message: format!("tenant {t}: events without a chain head"),
+                tenant_id: t,
+            });
         }
     }
     Ok(report)

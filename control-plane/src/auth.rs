@@ -165,15 +165,44 @@ impl TenantAuth {
         Err(ApiError::not_found("tenant"))
     }
 
-    /// Records an attempt to reach another tenant's resource (a tenant isolation violation).
+    /// Records an attempt to reach another tenant's resource (a tenant isolation violation): counted in
+    /// `nkudo_auth_failures_total{kind="cross_tenant"}` and in `nkudo_tenant_isolation_violations_total` under
+    /// the caller's own tenant, logged, and audited in the caller's chain. `kind` is one of
+    /// [`CROSS_TENANT_KINDS`].
     pub async fn cross_tenant(&self, state: &SharedState, ctx: &RequestCtx, kind: &'static str, id: &str) {
         state.metrics.auth_failures.with_label_values(&["cross_tenant"]).inc();
-        tracing::warn!(tenant = %self.tenant_id, kind, id, "cross-tenant access refused");
+        let slug = tenant_slug(state, &self.tenant_id).await;
+        state
+            .metrics
+            .tenant_isolation_violations
+            .with_label_values(&[&slug, &self.tenant_id, kind])
+            .inc();
+        tracing::warn!(tenant = %slug, tenant_id = %self.tenant_id, kind, id, "cross-tenant access refused");
         let ev = AuditEvent::new(&self.tenant_id, "auth.cross_tenant", kind, id)
             .actor("USER", Some(&self.key_id))
             .outcome("denied")
             .request(ctx);
         audit::record_standalone(&state.db, ev).await;
+    }
+}
+
+/// The resource kinds a cross-tenant refusal names (`kind` of `nkudo_tenant_isolation_violations_total`): the
+/// tenant in the path, a site, an execution.
+pub const CROSS_TENANT_KINDS: [&str; 3] = ["tenant", "site", "execution"];
+
+/// The slug of `tenant_id` for metric labels; the id itself when it cannot be read.
+async fn tenant_slug(state: &SharedState, tenant_id: &str) -> String {
+    match sqlx::query_scalar::<_, String>("SELECT slug FROM tenants WHERE id = $1")
+        .bind(tenant_id)
+        .fetch_optional(&state.db.pool)
+        .await
+    {
+        Ok(Some(slug)) => slug,
+        Ok(None) => tenant_id.to_string(),
+        Err(e) => {
+            tracing::warn!(error = %e, tenant_id, "reading the tenant slug");
+            tenant_id.to_string()
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub struct Config {
     pub ca_key_file: Option<PathBuf>,
     pub server_cert_file: Option<PathBuf>,
     pub server_key_file: Option<PathBuf>,
+    /// `AGENT_CA_PREVIOUS_CERT_FILES`: comma-separated PEM files of retired agent CAs, still trusted for client
+    /// certificates and in the CA bundle during a rotation (docs/control-plane.md, "Rotating certificates").
+    pub agent_ca_previous_cert_files: Vec<PathBuf>,
     pub ca_common_name: String,
     pub server_names: Vec<String>,
     pub default_enrollment_ttl: Duration,
@@ -46,6 +49,11 @@ pub struct Config {
     /// `RELEASE_PUBLIC_KEYS` (comma-separated minisign public keys) and `RELEASE_PUBLIC_KEYS_FILE` (minisign
     /// `.pub` files' text or one key per line): the keys a published release manifest must be signed with.
     pub release_public_keys: Vec<nkudo_core::minisign::PublicKey>,
+    /// `FLEET_GAUGES_INTERVAL`: how often the per-site fleet gauges are recomputed (default 30s).
+    pub fleet_gauges_interval: Duration,
+    /// `AUDIT_VERIFY_INTERVAL`: how often every audit hash chain is verified (default 1h); `None` (`0` or
+    /// `off`) disables the periodic verification.
+    pub audit_verify_interval: Option<Duration>,
 }
 
 /// Reads release public keys from a comma-separated list and/or a file (each key a base64 `RW...` line,
@@ -144,6 +152,15 @@ impl Config {
             ca_key_file: path("CA_KEY_FILE"),
             server_cert_file: path("SERVER_CERT_FILE"),
             server_key_file: path("SERVER_KEY_FILE"),
+            agent_ca_previous_cert_files: var("AGENT_CA_PREVIOUS_CERT_FILES")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(PathBuf::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
             ca_common_name: var("CA_COMMON_NAME").unwrap_or_else(|| "n-kudo-agent-ca".into()),
             server_names,
             default_enrollment_ttl: dur("DEFAULT_ENROLLMENT_TTL", "15m")?,
@@ -163,6 +180,14 @@ impl Config {
                 }
             },
             rollout_tick: dur("ROLLOUT_TICK", "1s")?,
+            fleet_gauges_interval: dur("FLEET_GAUGES_INTERVAL", "30s")?,
+            audit_verify_interval: {
+                let raw = var("AUDIT_VERIFY_INTERVAL").unwrap_or_else(|| "1h".into());
+                parse_optional_interval(&raw).map_err(|message| ConfigError::Invalid {
+                    var: "AUDIT_VERIFY_INTERVAL",
+                    message,
+                })?
+            },
             release_public_keys: {
                 let file = match var("RELEASE_PUBLIC_KEYS_FILE") {
                     None => None,
@@ -205,6 +230,18 @@ impl Config {
         };
         if self.agent_cert_ttl < Duration::from_secs(60) {
             return invalid("AGENT_CERT_TTL", "must be at least 1m");
+        }
+        if self.fleet_gauges_interval < Duration::from_millis(100) {
+            return invalid("FLEET_GAUGES_INTERVAL", "must be at least 100ms");
+        }
+        if self
+            .audit_verify_interval
+            .is_some_and(|d| d < Duration::from_millis(100))
+        {
+            return invalid(
+                "AUDIT_VERIFY_INTERVAL",
+                "must be at least 100ms (0 or off disables the verification)",
+            );
         }
         if self.heartbeat_flush_interval.is_zero() {
             return invalid("HEARTBEAT_FLUSH_INTERVAL", "must be greater than zero");
@@ -277,6 +314,20 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A period that can be switched off: `0`, `off`, `false`, `no`, `none` or `disabled` give `None`, anything else
+/// is a duration as [`parse_duration`] reads it (a zero duration such as `0s` is also off).
+pub fn parse_optional_interval(raw: &str) -> Result<Option<Duration>, String> {
+    let s = raw.trim();
+    if ["off", "false", "no", "none", "disabled"]
+        .iter()
+        .any(|w| s.eq_ignore_ascii_case(w))
+    {
+        return Ok(None);
+    }
+    let d = parse_duration(s)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "1" | "true" | "TRUE" | "True" | "yes" | "YES" | "on" | "ON" => Some(true),
@@ -344,6 +395,28 @@ mod tests {
         assert!(e.to_string().starts_with("AGENT_CERT_TTL"), "{e}");
         let e = cfg(&[("CONTROL_PLANE_ADDR", "nope")]).unwrap_err();
         assert!(e.to_string().starts_with("CONTROL_PLANE_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn oncall_intervals() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.fleet_gauges_interval, Duration::from_secs(30));
+        assert_eq!(c.audit_verify_interval, Some(Duration::from_secs(3600)));
+        let c = cfg(&[("FLEET_GAUGES_INTERVAL", "1s"), ("AUDIT_VERIFY_INTERVAL", "15m")]).unwrap();
+        assert_eq!(c.fleet_gauges_interval, Duration::from_secs(1));
+        assert_eq!(c.audit_verify_interval, Some(Duration::from_secs(900)));
+        for off in ["0", "off", "OFF", "disabled", "0s"] {
+            let c = cfg(&[("AUDIT_VERIFY_INTERVAL", off)]).unwrap();
+            assert_eq!(c.audit_verify_interval, None, "{off}");
+        }
+        let e = cfg(&[("AUDIT_VERIFY_INTERVAL", "hourly")]).unwrap_err();
+        assert!(e.to_string().starts_with("AUDIT_VERIFY_INTERVAL"), "{e}");
+        let e = cfg(&[("AUDIT_VERIFY_INTERVAL", "1ms")]).unwrap_err();
+        assert!(e.to_string().starts_with("AUDIT_VERIFY_INTERVAL"), "{e}");
+        let e = cfg(&[("FLEET_GAUGES_INTERVAL", "0")]).unwrap_err();
+        assert!(e.to_string().starts_with("FLEET_GAUGES_INTERVAL"), "{e}");
+        let e = cfg(&[("FLEET_GAUGES_INTERVAL", "soon")]).unwrap_err();
+        assert!(e.to_string().starts_with("FLEET_GAUGES_INTERVAL"), "{e}");
     }
 
     fn release_key(seed: u8) -> nkudo_core::minisign::PublicKey {

@@ -3,11 +3,13 @@
 
 mod agents;
 mod audit;
+mod audit_watch;
 mod auth;
 mod config;
 mod db;
 mod error;
 mod extract;
+mod fleet_gauges;
 mod heartbeat_buffer;
 mod labels;
 mod metrics;
@@ -198,6 +200,7 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
         ca_key_file: cfg.ca_key_file.clone(),
         server_cert_file: cfg.server_cert_file.clone(),
         server_key_file: cfg.server_key_file.clone(),
+        previous_ca_cert_files: cfg.agent_ca_previous_cert_files.clone(),
         require_persistent: cfg.require_persistent_pki,
         ca_common_name: cfg.ca_common_name.clone(),
         server_names: cfg.server_names.clone(),
@@ -216,6 +219,7 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     let local = listener.local_addr()?;
     let metrics = metrics::Metrics::new();
     let metrics_registry = &metrics.registry().clone();
+    pki.register_metrics(metrics_registry).context("registering the PKI metrics")?;
     let state = Arc::new(state::AppState {
         enroll_limiter: ratelimit::RateLimiter::per_minute(cfg.enroll_rate_per_minute, cfg.enroll_rate_burst),
         metrics,
@@ -274,6 +278,8 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     let background = tokio::spawn(sweeper::run(state.clone(), stop_rx.clone()));
     let controller = tokio::spawn(rollout::controller::run(state.clone(), stop_rx.clone()));
     tokio::spawn(releases::refresh_loop(state.clone(), stop_rx.clone()));
+    tokio::spawn(fleet_gauges::run(state.clone(), stop_rx.clone()));
+    tokio::spawn(audit_watch::run(state.clone(), stop_rx.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received; stopping");

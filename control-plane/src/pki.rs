@@ -9,10 +9,24 @@
 //! * the **server certificate** of the HTTPS listener ([`Pki::server_tls_config`]): TLS 1.3 only,
 //!   ALPN `h2` and `http/1.1`, client certificates optional at the handshake but, when presented,
 //!   verified against the agent CA (a certificate from another CA fails the handshake);
-//! * the **CA bundle** handed to agents ([`Pki::ca_bundle_pem`], also written to
-//!   `<data_dir>/pki/ca-bundle.pem`): the agent CA, plus the trust anchor of the server chain when
-//!   the server certificate was not issued by the agent CA, so an agent trusting only the bundle
-//!   verifies the server without skipping verification.
+//! * the **previous agent CAs** (`AGENT_CA_PREVIOUS_CERT_FILES`, certificates only): retired CAs
+//!   kept during a rotation. Client certificates they issued still pass the handshake, but nothing
+//!   new is issued by them; [`Pki::agent_ca_of`] tells which CA issued a client certificate, so a
+//!   heartbeat on a previous CA's certificate asks the agent to renew at once (it then gets a
+//!   certificate from the current CA);
+//! * the **CA bundle** handed to agents ([`Pki::ca_bundle_pem`], in the enrollment and renewal
+//!   answers and written to `<data_dir>/pki/ca-bundle.pem`): the agent CA, then the previous agent
+//!   CAs, plus the trust anchor of the server chain when the server certificate was issued by none
+//!   of them, so an agent trusting only the bundle verifies the server without skipping
+//!   verification, whichever of these CAs issued the server certificate.
+//!
+//! Rotation without orphaning an agent (the steps are in `docs/control-plane.md`, "Rotating
+//! certificates"): (1) restart with the new CA as `CA_CERT_FILE`/`CA_KEY_FILE` and the old one in
+//! `AGENT_CA_PREVIOUS_CERT_FILES`, server certificate unchanged: agents keep working and renew at
+//! their next heartbeat, receiving a new-CA certificate and the new bundle (new + old CA);
+//! (2) once `nkudo_agent_heartbeats_by_ca_total{ca="previous"}` stops growing, switch the server
+//! certificate to one chained to the new CA; (3) drop the old CA from the list. Certificates are
+//! read at start-up only: a restart (not SIGHUP) applies new files.
 //!
 //! Two modes, chosen per pair of files:
 //!
@@ -22,8 +36,9 @@
 //! * **dev**: whatever is not given is generated (ECDSA P-256) under `<data_dir>/pki/` (directory
 //!   0700, keys 0600, atomic writes) and reloaded on the next start, so a restart keeps enrolled
 //!   agents valid. The dev server certificate is signed by the agent CA and is re-issued (by the
-//!   same CA) when it expires within 30 days, no longer covers the configured server names, or was
-//!   not issued by the current CA.
+//!   current CA) when it expires within 30 days, no longer covers the configured server names, or
+//!   was issued neither by the current CA nor by a previous one (a dev server certificate of the
+//!   previous CA is kept during a rotation, so agents that only trust that CA still connect).
 //!
 //! Everything uses rustls' *ring* provider explicitly; no process-wide default provider is needed.
 //! Serial numbers are reported as lowercase hex of the big-endian bytes without leading zero bytes
@@ -38,6 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use prometheus::{IntCounterVec, Opts, Registry};
 use rand::Rng as _;
 use rcgen::{
     BasicConstraints, BmpString, CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose,
@@ -65,6 +81,7 @@ const ENV_CA_CERT: &str = "CA_CERT_FILE";
 const ENV_CA_KEY: &str = "CA_KEY_FILE";
 const ENV_SERVER_CERT: &str = "SERVER_CERT_FILE";
 const ENV_SERVER_KEY: &str = "SERVER_KEY_FILE";
+const ENV_PREVIOUS_CAS: &str = "AGENT_CA_PREVIOUS_CERT_FILES";
 
 /// Files under `<data_dir>/pki/`.
 const PKI_DIR: &str = "pki";
@@ -105,6 +122,10 @@ pub struct PkiConfig {
     pub server_cert_file: Option<PathBuf>,
     /// `SERVER_KEY_FILE`: PEM private key of the server certificate.
     pub server_key_file: Option<PathBuf>,
+    /// `AGENT_CA_PREVIOUS_CERT_FILES`: PEM certificates of retired agent CAs (every certificate of
+    /// every file). Client certificates they issued are still accepted and they are part of the CA
+    /// bundle, but no certificate is issued by them. A certificate equal to the current CA is ignored.
+    pub previous_ca_cert_files: Vec<PathBuf>,
     /// `REQUIRE_PERSISTENT_PKI`: all four files are required.
     pub require_persistent: bool,
     /// Common name of a generated dev CA.
@@ -223,14 +244,44 @@ pub struct PeerIdentity {
     pub serial_hex: String,
     /// `notAfter` in Unix milliseconds.
     pub not_after_ms: i64,
+    /// The key identifier of the authorityKeyIdentifier extension, when the certificate has one.
+    pub authority_key_id: Option<Vec<u8>>,
+    /// The issuer name (DER).
+    pub issuer: Vec<u8>,
 }
 
-/// The loaded PKI: agent CA, server TLS configuration and CA bundle.
+/// Which agent CA issued a client certificate that passed the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentCa {
+    /// The CA that issues certificates now (`CA_CERT_FILE` or the dev CA).
+    Current,
+    /// A CA listed in `AGENT_CA_PREVIOUS_CERT_FILES`: the agent should renew.
+    Previous,
+}
+
+impl AgentCa {
+    /// The `ca` label value: `current` or `previous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentCa::Current => "current",
+            AgentCa::Previous => "previous",
+        }
+    }
+}
+
+/// The loaded PKI: agent CA, previous agent CAs, server TLS configuration and CA bundle.
 pub struct Pki {
     ca: Ca,
+    previous: Vec<PreviousCa>,
+    /// The authorityKeyIdentifier every certificate issued by the current CA carries.
+    current_key_id: Vec<u8>,
+    /// The current CA's subject (DER), for certificates without authorityKeyIdentifier.
+    current_subject: Vec<u8>,
     ca_bundle_pem: String,
     ca_bundle_path: PathBuf,
     server_config: Arc<ServerConfig>,
+    /// `nkudo_agent_heartbeats_by_ca_total{ca}` (registered by [`Pki::register_metrics`]).
+    heartbeats_by_ca: IntCounterVec,
 }
 
 impl fmt::Debug for Pki {
@@ -280,16 +331,20 @@ impl Pki {
             }
             None => load_or_create_dev_ca(&dir, &cfg.ca_common_name)?,
         };
+        let previous = load_previous_cas(&cfg.previous_ca_cert_files, &ca)?;
         let server = match server_files {
             Some((cert, key)) => load_server_files(cert, key, &names)?,
-            None => load_or_create_dev_server(&dir, &ca, &names)?,
+            None => load_or_create_dev_server(&dir, &ca, &previous, &names)?,
         };
 
-        let ca_bundle_pem = build_ca_bundle(&ca, &server.chain)?;
+        let ca_bundle_pem = build_ca_bundle(&ca, &previous, &server.chain)?;
         let ca_bundle_path = dir.join(CA_BUNDLE);
         write_atomic(&ca_bundle_path, ca_bundle_pem.as_bytes(), MODE_PUBLIC)?;
 
-        let server_config = build_server_config(&ca.der, server.chain, server.key).map_err(|e| {
+        let client_roots: Vec<&CertificateDer<'static>> = std::iter::once(&ca.der)
+            .chain(previous.iter().map(|p| &p.der))
+            .collect();
+        let server_config = build_server_config(&client_roots, server.chain, server.key).map_err(|e| {
             PkiError::Tls(format!(
                 "server certificate {} with key {}: {e}",
                 server.cert_path.display(),
@@ -297,16 +352,68 @@ impl Pki {
             ))
         })?;
 
+        let current_subject = x509_parser::parse_x509_certificate(ca.der.as_ref())
+            .map(|(_, c)| c.subject().as_raw().to_vec())
+            .map_err(|e| PkiError::Internal(format!("agent CA does not parse back: {e}")))?;
+        let current_key_id = ca.issuer.key_identifier();
+        let heartbeats_by_ca = IntCounterVec::new(
+            Opts::new(
+                "nkudo_agent_heartbeats_by_ca_total",
+                "Agent heartbeats by the agent CA that issued the client certificate (previous: a CA of \
+                 AGENT_CA_PREVIOUS_CERT_FILES; the agent is told to renew)",
+            ),
+            &["ca"],
+        )
+        .map_err(|e| PkiError::Internal(format!("metric: {e}")))?;
+        for ca in [AgentCa::Current, AgentCa::Previous] {
+            heartbeats_by_ca.with_label_values(&[ca.as_str()]);
+        }
+
         Ok(Pki {
             ca,
+            previous,
+            current_key_id,
+            current_subject,
             ca_bundle_pem,
             ca_bundle_path,
             server_config,
+            heartbeats_by_ca,
         })
     }
 
-    /// The PEM bundle handed to agents: it issues agent certificates and lets an agent verify the
-    /// server.
+    /// Registers the PKI's metrics (`nkudo_agent_heartbeats_by_ca_total`) into `registry`.
+    pub fn register_metrics(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.heartbeats_by_ca.clone()))
+    }
+
+    /// Counts a heartbeat by the CA that issued the agent's certificate.
+    pub fn count_heartbeat(&self, ca: AgentCa) {
+        self.heartbeats_by_ca.with_label_values(&[ca.as_str()]).inc();
+    }
+
+    /// Which agent CA issued a client certificate the handshake accepted (so it chains to the
+    /// current CA or to a previous one). Certificates issued by this module carry the issuing CA's
+    /// key identifier (authorityKeyIdentifier): one that is not the current CA's comes from a
+    /// previous CA, even when both CAs share their name. Without the extension, the issuer name
+    /// decides. With no previous CA configured the answer is always [`AgentCa::Current`].
+    pub fn agent_ca_of(&self, peer: &PeerIdentity) -> AgentCa {
+        if self.previous.is_empty() {
+            return AgentCa::Current;
+        }
+        let current = match &peer.authority_key_id {
+            Some(key_id) => *key_id == self.current_key_id,
+            None => peer.issuer == self.current_subject,
+        };
+        if current {
+            AgentCa::Current
+        } else {
+            AgentCa::Previous
+        }
+    }
+
+    /// The PEM bundle handed to agents: the current agent CA, the previous agent CAs and, when none
+    /// of them issued the server certificate, the anchor of the server chain. It lets an agent verify
+    /// the server whichever of these CAs issued its certificate.
     pub fn ca_bundle_pem(&self) -> &str {
         &self.ca_bundle_pem
     }
@@ -317,7 +424,8 @@ impl Pki {
     }
 
     /// The rustls server configuration (ring provider, TLS 1.3, ALPN `h2` + `http/1.1`, optional
-    /// client certificates verified against the agent CA). Built once at load; each call returns
+    /// client certificates verified against the current and the previous agent CAs). Built once at
+    /// load; each call returns
     /// the same shared configuration.
     pub fn server_tls_config(&self) -> Result<Arc<ServerConfig>, PkiError> {
         Ok(Arc::clone(&self.server_config))
@@ -376,10 +484,16 @@ pub fn peer_identity(cert_der: &[u8]) -> Option<PeerIdentity> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
     let agent_id = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     let not_after_ms = cert.validity().not_after.timestamp().checked_mul(1000)?;
+    let authority_key_id = cert.iter_extensions().find_map(|ext| match ext.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref().map(|id| id.0.to_vec()),
+        _ => None,
+    });
     Some(PeerIdentity {
         agent_id,
         serial_hex: serial_hex(cert.raw_serial()),
         not_after_ms,
+        authority_key_id,
+        issuer: cert.issuer().as_raw().to_vec(),
     })
 }
 
@@ -630,11 +744,78 @@ impl Ca {
 
     /// Whether `cert` names this CA as issuer and carries a valid signature by its key.
     fn issued(&self, cert: &X509Certificate) -> bool {
-        let Ok((_, ca)) = x509_parser::parse_x509_certificate(self.der.as_ref()) else {
-            return false;
-        };
-        cert.issuer().as_raw() == ca.subject().as_raw() && cert.verify_signature(Some(ca.public_key())).is_ok()
+        issued_by(&self.der, cert)
     }
+}
+
+/// Whether `cert` names the CA `ca_der` as issuer and carries a valid signature by its key.
+fn issued_by(ca_der: &CertificateDer<'static>, cert: &X509Certificate) -> bool {
+    let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca_der.as_ref()) else {
+        return false;
+    };
+    cert.issuer().as_raw() == ca.subject().as_raw() && cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
+/// A retired agent CA (certificate only, no key): trusted for client certificates and part of the
+/// CA bundle, never used to issue.
+struct PreviousCa {
+    der: CertificateDer<'static>,
+    pem: String,
+}
+
+/// Reads every certificate of every `AGENT_CA_PREVIOUS_CERT_FILES` file. Each must be a CA
+/// certificate; the current CA and repeated certificates are skipped.
+fn load_previous_cas(files: &[PathBuf], current: &Ca) -> Result<Vec<PreviousCa>, PkiError> {
+    let mut previous: Vec<PreviousCa> = Vec::new();
+    for path in files {
+        let chain = read_cert_chain(path).map_err(|e| match e {
+            PkiError::InvalidFile { path, reason } => PkiError::InvalidFile {
+                path,
+                reason: format!("{ENV_PREVIOUS_CAS}: {reason}"),
+            },
+            other => other,
+        })?;
+        for der in chain {
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::InvalidFile {
+                path: path.clone(),
+                reason: format!("{ENV_PREVIOUS_CAS}: malformed certificate: {e}"),
+            })?;
+            let subject = cert.subject().to_string();
+            if !cert.is_ca() {
+                return Err(PkiError::InvalidFile {
+                    path: path.clone(),
+                    reason: format!(
+                        "{ENV_PREVIOUS_CAS}: {subject} is not a CA certificate (basicConstraints CA:TRUE is missing)"
+                    ),
+                });
+            }
+            if der.as_ref() == current.der.as_ref() {
+                tracing::info!(cert = %path.display(), %subject, "previous agent CA is the current CA; ignored");
+                continue;
+            }
+            if previous.iter().any(|p| p.der.as_ref() == der.as_ref()) {
+                continue;
+            }
+            if cert.validity().not_after.timestamp() <= unix_now() {
+                tracing::warn!(
+                    cert = %path.display(),
+                    %subject,
+                    "previous agent CA has expired: the certificates it issued have expired too; remove it"
+                );
+            }
+            tracing::info!(
+                cert = %path.display(),
+                %subject,
+                "previous agent CA trusted for client certificates and in the CA bundle; nothing is issued by it"
+            );
+            let pem = pem_encode("CERTIFICATE", der.as_ref());
+            previous.push(PreviousCa {
+                der: der.into_owned(),
+                pem,
+            });
+        }
+    }
+    Ok(previous)
 }
 
 /// Converts an X.509 name into rcgen's model, keeping string types (one attribute per RDN).
@@ -831,12 +1012,17 @@ fn load_server_files(cert_path: &Path, key_path: &Path, names: &[SanName]) -> Re
     })
 }
 
-fn load_or_create_dev_server(dir: &Path, ca: &Ca, names: &[SanName]) -> Result<ServerMaterial, PkiError> {
+fn load_or_create_dev_server(
+    dir: &Path,
+    ca: &Ca,
+    previous: &[PreviousCa],
+    names: &[SanName],
+) -> Result<ServerMaterial, PkiError> {
     let cert_path = dir.join(DEV_SERVER_CERT);
     let key_path = dir.join(DEV_SERVER_KEY);
     if exists(&cert_path)? && exists(&key_path)? {
         tighten_key_permissions(&key_path)?;
-        match check_dev_server(&cert_path, &key_path, ca, names)? {
+        match check_dev_server(&cert_path, &key_path, ca, previous, names)? {
             Ok(material) => {
                 tracing::info!(cert = %cert_path.display(), "dev server certificate loaded");
                 return Ok(material);
@@ -867,6 +1053,7 @@ fn check_dev_server(
     cert_path: &Path,
     key_path: &Path,
     ca: &Ca,
+    previous: &[PreviousCa],
     names: &[SanName],
 ) -> Result<Result<ServerMaterial, String>, PkiError> {
     let cert_pem = read_file(cert_path)?;
@@ -877,8 +1064,12 @@ fn check_dev_server(
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
         return Ok(Err("malformed certificate".to_string()));
     };
-    if !ca.issued(&cert) {
-        return Ok(Err("not issued by the current agent CA".to_string()));
+    // A certificate of a previous CA stays during a rotation: agents that only trust that CA keep
+    // verifying the server until they renewed and received the new bundle.
+    if !ca.issued(&cert) && !previous.iter().any(|p| issued_by(&p.der, &cert)) {
+        return Ok(Err(
+            "issued neither by the current nor by a previous agent CA".to_string()
+        ));
     }
     if cert.validity().not_after.timestamp() - unix_now() < SERVER_RENEW_BEFORE_SECS {
         return Ok(Err("expires within 30 days".to_string()));
@@ -934,19 +1125,28 @@ fn generate_server_cert(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// The agent CA, plus the last certificate of the server chain when the server certificate is
-/// not issued by the agent CA.
-fn build_ca_bundle(ca: &Ca, server_chain: &[CertificateDer<'static>]) -> Result<String, PkiError> {
+/// The agent CA, the previous agent CAs, plus the last certificate of the server chain when the
+/// server certificate is issued by none of them.
+fn build_ca_bundle(
+    ca: &Ca,
+    previous: &[PreviousCa],
+    server_chain: &[CertificateDer<'static>],
+) -> Result<String, PkiError> {
     let mut bundle = ca.pem.clone();
+    for p in previous {
+        bundle.push_str(&p.pem);
+    }
     let Some(leaf) = server_chain.first() else {
         return Err(PkiError::Internal("empty server certificate chain".to_string()));
     };
     let issued_by_ca = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map(|(_, cert)| ca.issued(&cert))
+        .map(|(_, cert)| ca.issued(&cert) || previous.iter().any(|p| issued_by(&p.der, &cert)))
         .unwrap_or(false);
     if !issued_by_ca {
         if let Some(anchor) = server_chain.last() {
-            if anchor.as_ref() != ca.der.as_ref() {
+            let known =
+                anchor.as_ref() == ca.der.as_ref() || previous.iter().any(|p| p.der.as_ref() == anchor.as_ref());
+            if !known {
                 bundle.push_str(&pem_encode("CERTIFICATE", anchor.as_ref()));
             }
         }
@@ -955,15 +1155,17 @@ fn build_ca_bundle(ca: &Ca, server_chain: &[CertificateDer<'static>]) -> Result<
 }
 
 fn build_server_config(
-    ca_der: &CertificateDer<'static>,
+    client_roots: &[&CertificateDer<'static>],
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    roots
-        .add(ca_der.clone())
-        .map_err(|e| format!("agent CA as trust anchor: {e}"))?;
+    for root in client_roots {
+        roots
+            .add((*root).clone())
+            .map_err(|e| format!("agent CA as trust anchor: {e}"))?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
         .allow_unauthenticated()
         .build()
@@ -1221,6 +1423,7 @@ mod tests {
             ca_key_file: None,
             server_cert_file: None,
             server_key_file: None,
+            previous_ca_cert_files: Vec::new(),
             require_persistent: false,
             ca_common_name: "n-kudo-agent-ca".to_string(),
             server_names: vec!["cp.example.com".to_string(), "10.1.2.3".to_string()],
@@ -2135,6 +2338,237 @@ mod tests {
         assert_eq!(bit_length(&modulus), 4096);
         modulus.insert(1, 0x01);
         assert_eq!(bit_length(&modulus), 4097, "just over the accepted range");
+    }
+
+    fn bundle_ders(pki: &Pki) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pki.ca_bundle_pem().as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("bundle")
+    }
+
+    /// The three stages of an agent CA rotation (docs/control-plane.md, "Rotating certificates"),
+    /// with an old and a new CA of the very same name, and the dev server certificate.
+    #[tokio::test]
+    async fn agent_ca_rotation_keeps_old_agents_working_until_the_old_ca_is_dropped() {
+        let tmp = TempDir::new("rotation");
+        let (old_dir, new_dir) = (tmp.path().join("old"), tmp.path().join("new"));
+        fs::create_dir_all(&old_dir).expect("mkdir");
+        fs::create_dir_all(&new_dir).expect("mkdir");
+        let (old_crt, old_key, old_ca, _) = write_rcgen_ca(&old_dir, "agent-ca", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (new_crt, new_key, new_ca, _) = write_rcgen_ca(&new_dir, "agent-ca", &rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(
+            parse(old_ca.der()).subject().as_raw(),
+            parse(new_ca.der()).subject().as_raw(),
+            "both CAs have the same name"
+        );
+        let data = tmp.path().join("data");
+
+        // Before: the old CA issues; an agent enrolls and keeps the old bundle.
+        let mut cfg = dev_config(&data);
+        cfg.ca_cert_file = Some(old_crt.clone());
+        cfg.ca_key_file = Some(old_key);
+        let before = Pki::load_or_create(&cfg).expect("old CA");
+        let (csr, old_agent_key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let old_agent = before.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let old_bundle = before.ca_bundle_pem().to_string();
+        let old_server = read_string(&data.join("pki/server.crt"));
+        assert_eq!(
+            before.agent_ca_of(&peer_identity(first_cert_der(&old_agent.cert_pem).as_ref()).expect("peer")),
+            AgentCa::Current
+        );
+
+        // Stage 1: the new CA is current, the old one previous.
+        cfg.ca_cert_file = Some(new_crt.clone());
+        cfg.ca_key_file = Some(new_key);
+        cfg.previous_ca_cert_files = vec![old_crt.clone(), new_crt.clone()];
+        let stage1 = Pki::load_or_create(&cfg).expect("stage 1");
+        assert_eq!(
+            read_string(&data.join("pki/server.crt")),
+            old_server,
+            "the old CA's dev server certificate is kept while that CA is previous"
+        );
+        assert_eq!(
+            bundle_ders(&stage1),
+            vec![new_ca.der().clone(), old_ca.der().clone()],
+            "new CA first, then the old one (the current CA listed as previous is ignored)"
+        );
+        assert_eq!(read_string(stage1.ca_bundle_path()), stage1.ca_bundle_pem());
+        let server = stage1.server_tls_config().expect("config");
+        // An agent that still trusts the old bundle only, with its old certificate, is served.
+        let client = client_config(&old_bundle, Some((&old_agent, &old_agent_key)));
+        let peer = handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect("old agent during the rotation")
+            .expect("client certificate");
+        assert_eq!(peer.serial_hex, old_agent.serial_hex);
+        assert_eq!(stage1.agent_ca_of(&peer), AgentCa::Previous, "same name, other key");
+        // It renews: the new certificate comes from the new CA.
+        let (csr, new_agent_key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let new_agent = stage1.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let new_der = first_cert_der(&new_agent.cert_pem);
+        let cert = parse(new_der.as_ref());
+        cert.verify_signature(Some(parse(new_ca.der()).public_key()))
+            .expect("issued by the new CA");
+        assert!(cert.verify_signature(Some(parse(old_ca.der()).public_key())).is_err());
+        let peer_new = peer_identity(new_der.as_ref()).expect("peer");
+        assert_eq!(peer_new.authority_key_id.as_deref(), Some(&stage1.current_key_id[..]));
+        assert_eq!(stage1.agent_ca_of(&peer_new), AgentCa::Current);
+        let client = client_config(stage1.ca_bundle_pem(), Some((&new_agent, &new_agent_key)));
+        handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect("renewed agent");
+        // A client certificate of an unknown CA is still refused.
+        let foreign_tmp = TempDir::new("rotation-foreign");
+        let foreign = Pki::load_or_create(&dev_config(foreign_tmp.path())).expect("foreign");
+        let (csr, foreign_key) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let foreign_cert = foreign.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let client = client_config(stage1.ca_bundle_pem(), Some((&foreign_cert, &foreign_key)));
+        handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect_err("foreign client certificate accepted");
+
+        // Stage 2 (dev server certificate): removing it re-issues it from the new CA; the renewed
+        // agent verifies it with the bundle it received, and the old agent still authenticates.
+        fs::remove_file(data.join("pki/server.crt")).expect("rm");
+        let stage2 = Pki::load_or_create(&cfg).expect("stage 2");
+        let server_der = first_cert_der(&read_string(&data.join("pki/server.crt")));
+        parse(server_der.as_ref())
+            .verify_signature(Some(parse(new_ca.der()).public_key()))
+            .expect("server certificate from the new CA");
+        let server = stage2.server_tls_config().expect("config");
+        let client = client_config(stage1.ca_bundle_pem(), Some((&new_agent, &new_agent_key)));
+        handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect("renewed agent, new server certificate");
+        let client = client_config(stage1.ca_bundle_pem(), Some((&old_agent, &old_agent_key)));
+        handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect("old certificate still accepted in stage 2");
+        let client = client_config(&old_bundle, None);
+        handshake(server, client, "localhost")
+            .await
+            .expect_err("an agent that never renewed cannot verify the new server certificate");
+
+        // Stage 3: the old CA is dropped; its certificates are refused.
+        cfg.previous_ca_cert_files.clear();
+        let stage3 = Pki::load_or_create(&cfg).expect("stage 3");
+        assert_eq!(bundle_ders(&stage3), vec![new_ca.der().clone()]);
+        let server = stage3.server_tls_config().expect("config");
+        let client = client_config(stage3.ca_bundle_pem(), Some((&old_agent, &old_agent_key)));
+        let err = handshake(Arc::clone(&server), client, "localhost")
+            .await
+            .expect_err("old CA certificate accepted after the old CA was dropped");
+        assert!(err.contains("server handshake"), "{err}");
+        let client = client_config(stage1.ca_bundle_pem(), Some((&new_agent, &new_agent_key)));
+        let peer = handshake(server, client, "localhost")
+            .await
+            .expect("renewed agent after the rotation")
+            .expect("client certificate");
+        assert_eq!(stage3.agent_ca_of(&peer), AgentCa::Current);
+    }
+
+    #[test]
+    fn a_dev_server_certificate_of_a_dropped_ca_is_reissued() {
+        let tmp = TempDir::new("dropped");
+        let files = tmp.path().join("files");
+        fs::create_dir_all(&files).expect("mkdir");
+        let (old_crt, old_key, _, _) = write_rcgen_ca(&files, "old", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (new_crt, new_key, new_ca, _) = write_rcgen_ca(&files, "new", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let mut cfg = dev_config(tmp.path());
+        cfg.ca_cert_file = Some(old_crt);
+        cfg.ca_key_file = Some(old_key);
+        Pki::load_or_create(&cfg).expect("old");
+        cfg.ca_cert_file = Some(new_crt);
+        cfg.ca_key_file = Some(new_key);
+        Pki::load_or_create(&cfg).expect("new CA without the old one as previous");
+        let server_der = first_cert_der(&read_string(&tmp.path().join("pki/server.crt")));
+        parse(server_der.as_ref())
+            .verify_signature(Some(parse(new_ca.der()).public_key()))
+            .expect("re-issued by the new CA");
+    }
+
+    #[test]
+    fn previous_ca_files_must_hold_ca_certificates() {
+        let tmp = TempDir::new("prevbad");
+        let (_, _, ca, ca_key) = write_rcgen_ca(tmp.path(), "root", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (leaf_crt, _) = write_server_cert(tmp.path(), "leaf", &ca, &ca_key, false);
+        let empty = tmp.path().join("empty.pem");
+        fs::write(&empty, "no certificate here\n").expect("write");
+        let missing = tmp.path().join("missing.pem");
+        for (file, want) in [
+            (&leaf_crt, "not a CA certificate"),
+            (&empty, "no PEM certificate"),
+            (&missing, "missing.pem"),
+        ] {
+            let mut cfg = dev_config(tmp.path());
+            cfg.previous_ca_cert_files = vec![file.clone()];
+            let err = Pki::load_or_create(&cfg).expect_err("bad previous CA file accepted");
+            let text = err.to_string();
+            assert!(text.contains(want), "{text}");
+            if !matches!(err, PkiError::Io { .. }) {
+                assert!(text.contains("AGENT_CA_PREVIOUS_CERT_FILES"), "{text}");
+            }
+        }
+
+        // Several CAs in one file, repeated across files: each is trusted once; no previous CA
+        // means every certificate counts as current.
+        let (a_crt, _, a, _) = write_rcgen_ca(tmp.path(), "a", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let (_, _, b, _) = write_rcgen_ca(tmp.path(), "b", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let both = tmp.path().join("both.pem");
+        fs::write(&both, format!("{}{}", a.pem(), b.pem())).expect("write");
+        let mut cfg = dev_config(tmp.path());
+        cfg.previous_ca_cert_files = vec![both, a_crt];
+        let pki = Pki::load_or_create(&cfg).expect("load");
+        let bundle = bundle_ders(&pki);
+        assert_eq!(bundle.len(), 3, "dev CA, a, b");
+        assert_eq!(&bundle[1..], &[a.der().clone(), b.der().clone()]);
+        let none = Pki::load_or_create(&dev_config(tmp.path())).expect("load");
+        let peer = PeerIdentity {
+            agent_id: "x".into(),
+            serial_hex: "01".into(),
+            not_after_ms: 0,
+            authority_key_id: Some(vec![1, 2, 3]),
+            issuer: Vec::new(),
+        };
+        assert_eq!(none.agent_ca_of(&peer), AgentCa::Current);
+        assert_eq!(pki.agent_ca_of(&peer), AgentCa::Previous);
+        // Without authorityKeyIdentifier the issuer name decides.
+        let by_name = PeerIdentity {
+            authority_key_id: None,
+            issuer: pki.current_subject.clone(),
+            ..peer.clone()
+        };
+        assert_eq!(pki.agent_ca_of(&by_name), AgentCa::Current);
+        let other_name = PeerIdentity {
+            authority_key_id: None,
+            issuer: parse(a.der()).subject().as_raw().to_vec(),
+            ..peer
+        };
+        assert_eq!(pki.agent_ca_of(&other_name), AgentCa::Previous);
+    }
+
+    #[test]
+    fn heartbeats_by_ca_are_counted_in_the_registry() {
+        let tmp = TempDir::new("metric");
+        let pki = Pki::load_or_create(&dev_config(tmp.path())).expect("load");
+        let registry = Registry::new();
+        pki.register_metrics(&registry).expect("register");
+        pki.count_heartbeat(AgentCa::Previous);
+        pki.count_heartbeat(AgentCa::Previous);
+        let families = registry.gather();
+        let family = families
+            .iter()
+            .find(|f| f.name() == "nkudo_agent_heartbeats_by_ca_total")
+            .expect("metric family");
+        let value = |ca: &str| {
+            family
+                .get_metric()
+                .iter()
+                .find(|m| m.get_label().iter().any(|l| l.value() == ca))
+                .map(|m| m.get_counter().get_value())
+        };
+        assert_eq!(value("previous"), Some(2.0));
+        assert_eq!(value("current"), Some(0.0), "both series exist from the start");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::auth::{AgentAuth, RequestCtx};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, OptionalJsonBody};
 use crate::heartbeat_buffer::{PendingHeartbeat, VmSnapshot};
-use crate::pki::{AgentIdentity, PkiError};
+use crate::pki::{AgentCa, AgentIdentity, PkiError};
 use crate::plans::Transition;
 use crate::state::SharedState;
 use crate::util::{now_ms, random_secret, rfc3339, secret_eq, sha256_hex};
@@ -223,7 +223,11 @@ pub async fn heartbeat(
         None => (None, None),
     };
     let ttl_ms = state.cfg.agent_cert_ttl.as_millis() as i64;
-    let rotate = auth.peer.not_after_ms - now_ms() < ttl_ms / 3;
+    // A certificate of a previous agent CA (a CA rotation is under way) is renewed at once, so the agent holds a
+    // current-CA certificate and the new CA bundle after one heartbeat; otherwise, once a third is left.
+    let issuer = state.pki.agent_ca_of(&auth.peer);
+    state.pki.count_heartbeat(issuer);
+    let rotate = issuer == AgentCa::Previous || auth.peer.not_after_ms - now_ms() < ttl_ms / 3;
     state.metrics.heartbeat_ingest.observe(started.elapsed().as_secs_f64());
     Ok(Json(HeartbeatResponse {
         next_heartbeat_seconds: state.cfg.heartbeat_interval_secs(),
@@ -319,7 +323,11 @@ pub async fn renew(
         .actor("AGENT", Some(&agent.id))
         .site(&agent.site_id)
         .request(&ctx)
-        .metadata(serde_json::json!({ "old_serial": auth.peer.serial_hex, "new_serial": issued.serial_hex }));
+        .metadata(serde_json::json!({
+            "old_serial": auth.peer.serial_hex,
+            "new_serial": issued.serial_hex,
+            "old_issuer": state.pki.agent_ca_of(&auth.peer).as_str(),
+        }));
     audit::record(&mut tx, &ev).await?;
     tx.commit().await?;
     state.agents.put(AgentRecord {
@@ -328,6 +336,8 @@ pub async fn renew(
     });
     Ok(Json(RenewResponse {
         client_certificate_pem: issued.cert_pem,
+        // The whole bundle (current and previous agent CAs, server anchor): the agent replaces the one it trusts,
+        // so it verifies a server certificate from the new CA once the old CA is retired.
         ca_certificate_pem: state.pki.ca_bundle_pem().to_string(),
         expires_at: rfc3339(issued.not_after_ms),
         refresh_token,
