@@ -659,10 +659,20 @@ async fn renew<B: VmBackend>(shared: &Shared<B>) -> Result<(), String> {
             return Err(format!("renew: {e}"));
         }
     };
-    shared
+    // The answer's CA bundle replaces the trusted one (a CA rotation adds the new CA before the server moves to it).
+    let bundle = shared
         .pki
         .stage_next_cert(&resp.client_certificate_pem, &resp.ca_certificate_pem)
         .map_err(|e| e.to_string())?;
+    match bundle {
+        pki::BundleUpdate::Replaced(n) => info(&format!(
+            "trusted CA bundle updated from the renewal answer ({n} certificate(s))"
+        )),
+        pki::BundleUpdate::Ignored(reason) => warn(&format!(
+            "the renewal answer's CA bundle is not usable ({reason}); keeping the trusted one"
+        )),
+        pki::BundleUpdate::Unchanged | pki::BundleUpdate::Absent => {}
+    }
     {
         let mut st = lock(&shared.state);
         if let Some(id) = st.state.identity.as_mut() {

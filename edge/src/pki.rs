@@ -3,8 +3,15 @@
 //!
 //! Renewal writes the new key to `client.key.next` before asking the control plane, and the new certificate to
 //! `client.crt.next` as soon as the answer arrives; both are then renamed into place. If the agent dies in
-//! between, [`recover`] completes the switch on the next start (the control plane already refuses the old
+//! between, [`Pki::recover`] completes the switch on the next start (the control plane already refuses the old
 //! certificate at that point).
+//!
+//! `ca.crt` is the only trust anchor set of the agent for the control plane's server certificate. Every renewal
+//! answer carries the control plane's current CA bundle (current agent CA, previous agent CAs during a CA
+//! rotation, the server chain's anchor), and the agent replaces `ca.crt` with it (atomically, before the new
+//! certificate is switched in): that is how an agent learns a new CA before the server certificate moves to it.
+//! A bundle without a single usable certificate is ignored and the old one kept, so a bad answer cannot leave
+//! the agent unable to verify the server.
 
 use crate::fsutil;
 use std::path::{Path, PathBuf};
@@ -33,6 +40,40 @@ impl std::error::Error for PkiError {}
 
 fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> PkiError {
     PkiError(format!("{what} {}: {e}", path.display()))
+}
+
+/// What a renewal did with the CA bundle of the control plane's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleUpdate {
+    /// `ca.crt` now holds the answer's bundle of this many certificates.
+    Replaced(usize),
+    /// The answer's bundle is the one `ca.crt` already holds.
+    Unchanged,
+    /// The answer carried no bundle; `ca.crt` is kept.
+    Absent,
+    /// The answer's bundle is unusable (the reason); `ca.crt` is kept.
+    Ignored(String),
+}
+
+/// The number of certificates in a PEM bundle; an error when there is none or one is not usable as a trust
+/// anchor (checked by building a TLS client that trusts exactly the bundle, as the agent does).
+pub fn bundle_certificates(pem: &str) -> Result<usize, String> {
+    let certs =
+        reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| format!("unreadable CA bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err("the CA bundle holds no certificate".into());
+    }
+    let count = certs.len();
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false);
+    for cert in certs {
+        builder = builder.add_root_certificate(cert);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("the CA bundle is not usable as trust anchors: {e}"))?;
+    Ok(count)
 }
 
 /// A fresh ECDSA P-256 key (PKCS#8 PEM) and a CSR for it whose subject CN is `common_name`.
@@ -86,21 +127,31 @@ impl Pki {
     }
 
     /// Renewal step 2 (the control plane answered): stage the certificate and CA, then switch both files.
-    pub fn commit_renewal(&self, cert_pem: &str, ca_pem: &str) -> Result<(), PkiError> {
-        self.stage_next_cert(cert_pem, ca_pem)?;
-        self.recover()
+    pub fn commit_renewal(&self, cert_pem: &str, ca_pem: &str) -> Result<BundleUpdate, PkiError> {
+        let update = self.stage_next_cert(cert_pem, ca_pem)?;
+        self.recover()?;
+        Ok(update)
     }
 
-    /// Renewal step 2a: the new certificate on disk next to the staged key (and the CA bundle replaced);
-    /// [`Pki::recover`] then switches key and certificate (also on the next start, after a crash).
-    pub fn stage_next_cert(&self, cert_pem: &str, ca_pem: &str) -> Result<(), PkiError> {
+    /// Renewal step 2a: the new certificate on disk next to the staged key, and the CA bundle of the answer in
+    /// place of `ca.crt` (see [`BundleUpdate`]); [`Pki::recover`] then switches key and certificate (also on the
+    /// next start, after a crash).
+    pub fn stage_next_cert(&self, cert_pem: &str, ca_pem: &str) -> Result<BundleUpdate, PkiError> {
         let p = self.dir.join(NEXT_CERT);
         fsutil::write_atomic(&p, cert_pem.as_bytes(), 0o644).map_err(|e| err("write", &p, e))?;
-        if !ca_pem.trim().is_empty() {
-            let a = self.ca_path();
-            fsutil::write_atomic(&a, ca_pem.as_bytes(), 0o644).map_err(|e| err("write", &a, e))?;
+        if ca_pem.trim().is_empty() {
+            return Ok(BundleUpdate::Absent);
         }
-        Ok(())
+        let count = match bundle_certificates(ca_pem) {
+            Ok(n) => n,
+            Err(reason) => return Ok(BundleUpdate::Ignored(reason)),
+        };
+        let a = self.ca_path();
+        if std::fs::read(&a).is_ok_and(|old| old == ca_pem.as_bytes()) {
+            return Ok(BundleUpdate::Unchanged);
+        }
+        fsutil::write_atomic(&a, ca_pem.as_bytes(), 0o644).map_err(|e| err("write", &a, e))?;
+        Ok(BundleUpdate::Replaced(count))
     }
 
     /// Completes an interrupted renewal: a staged certificate means the control plane answered, so the staged
@@ -163,10 +214,58 @@ mod tests {
         assert_eq!(std::fs::read_to_string(pki.key_path()).unwrap(), "KEY1");
         // A full renewal switches both.
         pki.stage_next_key("KEY3").unwrap();
-        pki.commit_renewal("CERT3", "").unwrap();
+        assert_eq!(pki.commit_renewal("CERT3", "").unwrap(), BundleUpdate::Absent);
         assert_eq!(std::fs::read_to_string(pki.key_path()).unwrap(), "KEY3");
         assert_eq!(std::fs::read_to_string(pki.cert_path()).unwrap(), "CERT3");
         assert_eq!(mode(pki.key_path()), 0o600);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn ca_pem(name: &str) -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn renewal_replaces_the_ca_bundle_only_with_a_usable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path().join("pki"));
+        let (old_ca, new_ca) = (ca_pem("old"), ca_pem("new"));
+        pki.write_all("KEY1", "CERT1", &old_ca).unwrap();
+
+        // A CA rotation: the answer's bundle (new + old CA) replaces the one from enrollment.
+        let rotated = format!("{new_ca}{old_ca}");
+        pki.stage_next_key("KEY2").unwrap();
+        assert_eq!(
+            pki.commit_renewal("CERT2", &rotated).unwrap(),
+            BundleUpdate::Replaced(2)
+        );
+        assert_eq!(std::fs::read_to_string(pki.ca_path()).unwrap(), rotated);
+        assert_eq!(std::fs::read_to_string(pki.cert_path()).unwrap(), "CERT2");
+
+        // The same bundle again: unchanged.
+        pki.stage_next_key("KEY3").unwrap();
+        assert_eq!(pki.commit_renewal("CERT3", &rotated).unwrap(), BundleUpdate::Unchanged);
+
+        // Garbage or a bundle without a certificate: the certificate is installed, the trusted bundle kept.
+        let not_a_certificate = "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n";
+        for bad in [
+            "not a bundle",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+            not_a_certificate,
+        ] {
+            pki.stage_next_key("KEY4").unwrap();
+            match pki.commit_renewal("CERT4", bad).unwrap() {
+                BundleUpdate::Ignored(reason) => assert!(reason.contains("CA bundle"), "{reason}"),
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+            assert_eq!(std::fs::read_to_string(pki.ca_path()).unwrap(), rotated);
+            assert_eq!(std::fs::read_to_string(pki.cert_path()).unwrap(), "CERT4");
+        }
+        let mode = std::fs::metadata(pki.ca_path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
     }
 }
