@@ -517,6 +517,80 @@ write_marker() { # DIR VERSION
 	} >"$1/.complete"
 }
 
+# The entries of a completion marker (ours, or the one nkudo_core::layout writes), one per line:
+# kind|path|mode|size|sha256|target. Each entry is a flat JSON object, so splitting the text at `}` isolates it.
+marker_entries() { # MARKER
+	tr -d '\n' <"$1" | awk 'BEGIN { RS = "}" } {
+		rec = $0
+		kind = path = mode = size = sha = target = ""
+		while (match(rec, /"[a-z0-9_]+": *("[^"]*"|[0-9]+)/)) {
+			kv = substr(rec, RSTART, RLENGTH)
+			rec = substr(rec, RSTART + RLENGTH)
+			key = kv; sub(/^"/, "", key); sub(/".*/, "", key)
+			val = kv; sub(/^"[^"]*": */, "", val); gsub(/"/, "", val)
+			if (key == "kind") kind = val
+			else if (key == "path") path = val
+			else if (key == "mode") mode = val
+			else if (key == "size") size = val
+			else if (key == "sha256") sha = val
+			else if (key == "target") target = val
+		}
+		if (kind != "") print kind "|" path "|" mode "|" size "|" sha "|" target
+	}'
+}
+
+# Whether releases/<version> is complete and intact: its marker names the version and every entry it records is
+# still there with the same mode, size and SHA-256 (or link target), as Layout::verify checks before a switch.
+# On failure prints why.
+verify_release() { # DIR VERSION
+	m=$1/.complete
+	if [ ! -f "$m" ]; then
+		echo "no completion marker: an interrupted install"
+		return 1
+	fi
+	if ! grep -qF "\"version\": \"$2\"" "$m"; then
+		echo "its completion marker is for another version"
+		return 1
+	fi
+	marker_entries "$m" >"$WORK/marker.list"
+	if [ ! -s "$WORK/marker.list" ]; then
+		echo "its completion marker lists nothing"
+		return 1
+	fi
+	while IFS='|' read -r kind path mode size sha target; do
+		f=$1/$path
+		case $kind in
+		file)
+			if [ ! -f "$f" ] || [ -L "$f" ]; then
+				echo "$path is missing or no longer a regular file"
+				return 1
+			fi
+			if [ "$(file_size "$f")" != "$size" ] || [ "$(printf '%d' "0$(stat -c %a "$f")")" != "$mode" ] ||
+				[ "$(sha256_of "$f")" != "$sha" ]; then
+				echo "$path changed"
+				return 1
+			fi
+			;;
+		dir)
+			if [ ! -d "$f" ] || [ -L "$f" ] || [ "$(printf '%d' "0$(stat -c %a "$f")")" != "$mode" ]; then
+				echo "the directory $path changed"
+				return 1
+			fi
+			;;
+		symlink)
+			if [ ! -L "$f" ] || [ "$(readlink "$f")" != "$target" ]; then
+				echo "the link $path changed"
+				return 1
+			fi
+			;;
+		*)
+			echo "its completion marker has an unknown entry ($kind)"
+			return 1
+			;;
+		esac
+	done <"$WORK/marker.list"
+}
+
 # Writes CONTENT-FILE to DEST atomically (temporary file beside it, then rename) with MODE.
 install_file() { # SRC DEST MODE
 	tmp=$(dirname "$2")/.$(basename "$2").tmp-$$
@@ -601,10 +675,20 @@ fi
 
 REL=$LAYOUT/releases/$VERSION
 CHANGED=0
-if [ -f "$REL/.complete" ] && [ -f "$REL/manifest.json" ] && cmp -s "$REL/manifest.json" "$M" &&
-	grep -qF "\"version\": \"$VERSION\"" "$REL/.complete" && [ -x "$REL/bin/nkudo-edge" ]; then
-	say "$VERSION is already installed in $REL"
+DAMAGE=""
+if [ -e "$REL" ] || [ -L "$REL" ]; then
+	if ! DAMAGE=$(verify_release "$REL" "$VERSION"); then
+		:
+	elif ! cmp -s "$REL/manifest.json" "$M"; then
+		DAMAGE="its manifest.json is not the one just verified"
+	fi
+fi
+if { [ -e "$REL" ] || [ -L "$REL" ]; } && [ -z "$DAMAGE" ]; then
+	say "$VERSION is already installed in $REL (intact)"
 else
+	if [ -n "$DAMAGE" ]; then
+		say "$REL is incomplete or damaged ($DAMAGE): installing it again"
+	fi
 	fetch "$(release_url "$TARBALL")" "$WORK/$TARBALL" "$T_SIZE"
 	[ "$(file_size "$WORK/$TARBALL")" -eq "$T_SIZE" ] ||
 		die "$EX_VERIFY" "$TARBALL has $(file_size "$WORK/$TARBALL") bytes, the signed manifest says $T_SIZE; nothing installed"
@@ -784,7 +868,7 @@ else
 		die "$EX_SERVICE" "systemd is not running on this host: start ${LAYOUT}/current/bin/nkudo-edge run under your supervisor, or re-run with --no-start"
 	fi
 	systemctl daemon-reload || die "$EX_SERVICE" "systemctl daemon-reload failed"
-	systemctl enable "$UNIT_NAME" >/dev/null 2>&1 || die "$EX_SERVICE" "systemctl enable $UNIT_NAME failed"
+	systemctl enable "$UNIT_NAME" || die "$EX_SERVICE" "systemctl enable $UNIT_NAME failed"
 	if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT_NAME"; then
 		systemctl restart "$UNIT_NAME" || die "$EX_SERVICE" "systemctl restart $UNIT_NAME failed (journalctl -u $UNIT_NAME)"
 		say "restarted $UNIT_NAME on $VERSION"

@@ -420,11 +420,20 @@ async fn installs_enrolls_heartbeats_and_reruns() -> anyhow::Result<()> {
     assert_eq!(std::fs::read(host.config())?, config_before);
     assert_eq!(agents_named(&cp, &host.hostname).await?.len(), 1);
 
-    // An upgrade (already enrolled: no token needed) switches current and keeps the old release as previous.
+    // An upgrade (already enrolled: no token needed) switches current and keeps the old release as previous. The
+    // new release is already there, installed by nkudo_core::layout (as the agent's self-update or `releaser
+    // install` would): the script reads that marker, finds the release intact and downloads nothing.
+    install_into_layout(&host.layout(), &rel2, false)?;
     let up_args = common(V2);
     let up: Vec<&str> = up_args.iter().map(String::as_str).collect();
     let out = host.run(&up, &[]);
     assert_eq!(code(&out), Some(0), "upgrade\n{}", output_text(&out));
+    assert!(text(&out).contains("already installed"), "{}", output_text(&out));
+    assert_eq!(
+        tarball_gets(&server, &rel2.tarball_name),
+        0,
+        "an intact release was downloaded again"
+    );
     let v2 = nkudo_core::version::parse(V2)?;
     assert_eq!(layout.current()?, Some(v2.clone()));
     assert_eq!(layout.previous()?, Some(v1.clone()));
@@ -447,6 +456,18 @@ async fn installs_enrolls_heartbeats_and_reruns() -> anyhow::Result<()> {
     assert_eq!(layout.current()?, Some(v1.clone()));
     assert_eq!(layout.previous()?, Some(v2));
     assert_eq!(agents_named(&cp, &host.hostname).await?.len(), 1);
+
+    // A damaged release (a file changed after it was installed) is installed again by a re-run.
+    std::fs::write(rel_dir.join("README.md"), b"changed on the host\n")?;
+    assert!(layout.verify(&v1).is_err(), "the damage is visible to the layout");
+    let out = host.run(&down_ok, &[]);
+    assert_eq!(code(&out), Some(0), "repair\n{}", output_text(&out));
+    assert!(text(&out).contains("README.md changed"), "{}", output_text(&out));
+    layout
+        .verify(&v1)
+        .map_err(|e| anyhow::anyhow!("the repaired release does not verify: {e}"))?;
+    assert_eq!(tarball_gets(&server, &rel1.tarball_name), 2);
+    assert_eq!(layout.current()?, Some(v1.clone()));
     Ok(())
 }
 
@@ -663,7 +684,9 @@ fn usage_errors_exit_2_before_any_download() {
     let key = public_key_b64(&new_release_key());
     // Nothing listens on this address: a usage error must come before any download.
     let base = "http://127.0.0.1:9/v{version}";
-    let cases: Vec<(&str, Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    /// What is wrong, the arguments, the environment, words the error must contain.
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "no key pinned or given",
             vec![
