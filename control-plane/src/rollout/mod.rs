@@ -84,11 +84,19 @@ impl RolloutMetrics {
 
 /// Sets the gauges of one rollout after a change.
 pub fn publish_metrics(m: &RolloutMetrics, r: &RolloutRow) {
-    let stage_name = parse_policy(&r.policy_text)
-        .ok()
+    let policy = parse_policy(&r.policy_text).ok();
+    let stage_name = policy
+        .as_ref()
         .and_then(|p| p.stages.get(r.current_stage.max(0) as usize).map(|s| s.name.clone()))
         .unwrap_or_default();
-    let _ = m.stage.remove_label_values(&[r.id.as_str(), r.version.as_str(), ""]);
+    // One series per rollout: the stages it has left (and the unnamed placeholder) are removed, so a dashboard
+    // or a query on `nkudo_rollout_stage` never sees a rollout in two stages at once.
+    let names = policy.iter().flat_map(|p| p.stages.iter().map(|s| s.name.as_str()));
+    for old in std::iter::once("").chain(names) {
+        if old != stage_name {
+            let _ = m.stage.remove_label_values(&[r.id.as_str(), r.version.as_str(), old]);
+        }
+    }
     m.stage
         .with_label_values(&[r.id.as_str(), r.version.as_str(), stage_name.as_str()])
         .set(if r.state.is_final() { -1 } else { r.current_stage });
@@ -205,4 +213,61 @@ pub async fn view(conn: &mut AnyConnection, r: &RolloutRow, decisions: i64) -> R
         stages: out_stages,
         decisions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nkudo_core::api::RolloutState;
+
+    fn row(stage: i64, state: RolloutState) -> store::RolloutRow {
+        store::RolloutRow {
+            id: "r1".into(),
+            name: None,
+            version: "1.2.0".into(),
+            previous_version: Some("1.1.0".into()),
+            policy_text: "version = \"1.2.0\"\n\n[[stage]]\nname = \"lab\"\nrings = [\"lab\"]\n\n[[stage]]\nname = \"pilot\"\nrings = [\"pilot\"]\n"
+                .into(),
+            state,
+            current_stage: stage,
+            approved_stage: 0,
+            triggers_json: "{}".into(),
+            baseline_json: "{}".into(),
+            metrics_source: "builtin".into(),
+            created_at: 0,
+            updated_at: 0,
+            finished_at: None,
+        }
+    }
+
+    /// The stage series of a rollout (`stage` label values present in the registry).
+    fn stage_series(registry: &Registry) -> Vec<(String, i64)> {
+        registry
+            .gather()
+            .into_iter()
+            .filter(|f| f.name() == "nkudo_rollout_stage")
+            .flat_map(|f| f.get_metric().to_vec())
+            .map(|m| {
+                let stage = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "stage")
+                    .map(|l| l.value().to_string());
+                (stage.unwrap_or_default(), m.get_gauge().get_value() as i64)
+            })
+            .collect()
+    }
+
+    /// Regression: a rollout that moved from `lab` to `pilot` kept a `stage="lab"` series next to the new one.
+    #[test]
+    fn a_rollout_has_one_stage_series() {
+        let registry = Registry::new();
+        let m = RolloutMetrics::register(&registry);
+        publish_metrics(&m, &row(0, RolloutState::Running));
+        assert_eq!(stage_series(&registry), vec![("lab".to_string(), 0)]);
+        publish_metrics(&m, &row(1, RolloutState::Running));
+        assert_eq!(stage_series(&registry), vec![("pilot".to_string(), 1)]);
+        publish_metrics(&m, &row(1, RolloutState::Completed));
+        assert_eq!(stage_series(&registry), vec![("pilot".to_string(), -1)]);
+    }
 }
