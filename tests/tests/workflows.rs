@@ -6,7 +6,8 @@
 //!   and a shellcheck finding (so that a pass means something);
 //! * every third-party action is pinned by a 40-hex commit SHA with a `# vX.Y.Z` comment, every container image
 //!   by digest; no `run:` script interpolates `${{ }}` (inputs reach scripts through `env:` only); no workflow
-//!   grants write permissions at the top level;
+//!   grants write permissions at the top level; every secret and variable they read is documented in
+//!   `.github/workflows/README.md` (and every variable declared to actionlint);
 //! * `ci.yml` runs exactly the test command README.md gives, and so does `.ci/run`;
 //! * `release.yml` triggers on `v*` tags and runs `cargo xtask dist` with the key, verifies with `releaser verify`
 //!   and stock minisign, publishes pre-release tags as GitHub pre-releases; its tag check step accepts the
@@ -380,6 +381,58 @@ fn run_scripts_take_inputs_through_env_and_permissions_are_minimal() {
                 assert!(!t.contains("write-all"), "{name} job {job_name}: write-all");
             }
         }
+    }
+}
+
+/// The `NAME`s of every `<prefix>NAME` (e.g. `secrets.`) in `text`.
+fn names_after(text: &str, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices(prefix)
+        .map(|(i, _)| {
+            text[i + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Every secret and variable the workflows read is documented in .github/workflows/README.md, and every variable
+/// is declared to actionlint (which then reports a misspelt `vars.` name).
+#[test]
+fn secrets_and_variables_are_documented() {
+    let all: String = workflow_files().iter().map(|f| read(f)).collect::<Vec<_>>().join("\n");
+    let doc = read(&workflows_dir().join("README.md"));
+    let secrets: Vec<String> = names_after(&all, "secrets.")
+        .into_iter()
+        .filter(|n| n != "GITHUB_TOKEN")
+        .collect();
+    let vars = names_after(&all, "vars.");
+    assert!(secrets.iter().any(|s| s == "NKUDO_RELEASE_KEY"), "{secrets:?}");
+    assert!(vars.iter().any(|v| v == "NKUDO_RELEASE_PUBKEY"), "{vars:?}");
+    for name in secrets.iter().chain(&vars) {
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            ".github/workflows/README.md does not document {name}"
+        );
+    }
+    let config = read(&workspace().join(".github/actionlint.yaml"));
+    let config: Value = serde_yaml::from_str(&config).expect("actionlint.yaml");
+    let declared: Vec<&str> = config["config-variables"]
+        .as_sequence()
+        .expect("actionlint.yaml: config-variables")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for v in &vars {
+        assert!(
+            declared.contains(&v.as_str()),
+            "{v} is not in .github/actionlint.yaml config-variables"
+        );
     }
 }
 
