@@ -191,7 +191,7 @@ case $ROOT in
 esac
 ROOT=${ROOT%/}
 case $ROOT in
-*[\"\\\'\|\&[:cntrl:][:space:]]*) die "$EX_USAGE" "--root must not contain quotes, backslashes, spaces or control characters" ;;
+*[\"\\\'\|\&[:cntrl:][:space:]]*) die "$EX_USAGE" "--root must not contain quotes, backslashes, |, &, spaces or control characters" ;;
 esac
 # P prefixes every path: empty for the real root.
 P=$ROOT
@@ -331,7 +331,7 @@ fetch() { # URL DEST MAX_BYTES
 			curl -fsSL --retry 3 --connect-timeout 20 --max-filesize "$3" -o "$2" "$1" ||
 				die "$EX_DOWNLOAD" "downloading $1 failed (curl exit $?): check --base-url and --version"
 		else
-			wget -q -T 20 -t 3 -O "$2" "$1" ||
+			wget -q -T 20 -O "$2" "$1" ||
 				die "$EX_DOWNLOAD" "downloading $1 failed (wget exit $?): check --base-url and --version"
 		fi
 		;;
