@@ -24,9 +24,10 @@
 //! certificates"): (1) restart with the new CA as `CA_CERT_FILE`/`CA_KEY_FILE` and the old one in
 //! `AGENT_CA_PREVIOUS_CERT_FILES`, server certificate unchanged: agents keep working and renew at
 //! their next heartbeat, receiving a new-CA certificate and the new bundle (new + old CA);
-//! (2) once `nkudo_agent_heartbeats_by_ca_total{ca="previous"}` stops growing, switch the server
-//! certificate to one chained to the new CA; (3) drop the old CA from the list. Certificates are
-//! read at start-up only: a restart (not SIGHUP) applies new files.
+//! (2) once no agent is left on the old CA (`nkudo_agent_heartbeats_by_ca_total{ca="previous"}`
+//! no longer grows, and `/admin/agents` shows no certificate issued before step 1), switch the
+//! server certificate to one chained to the new CA; (3) drop the old CA from the list.
+//! Certificates are read at start-up only: a restart applies new files (there is no reload).
 //!
 //! Two modes, chosen per pair of files:
 //!
