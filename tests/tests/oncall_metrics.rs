@@ -231,7 +231,8 @@ async fn site_gauges_follow_the_fleet(backend: Backend) -> anyhow::Result<()> {
         (agents(s, "online") == Some(2.0)).then(|| lag(s)).flatten()
     })
     .await?;
-    assert!((0.0..4.0).contains(&lag_now), "lag right after enrollment: {lag_now}");
+    // Both still online: at most HEARTBEAT_OFFLINE_AFTER (4 s) plus a sweep and a gauge interval have passed.
+    assert!((0.0..7.0).contains(&lag_now), "lag right after enrollment: {lag_now}");
     let s = scrape(&cp).await?;
     assert_eq!(
         agents(&s, "degraded"),
@@ -302,7 +303,10 @@ async fn site_gauges_follow_the_fleet(backend: Backend) -> anyhow::Result<()> {
             .flatten()
     })
     .await?;
-    assert!(lag_steady < 3.0, "lag of a heartbeating agent: {lag_steady}");
+    assert!(
+        lag_steady < 4.0,
+        "lag of an agent heartbeating every 500 ms: {lag_steady}"
+    );
 
     // The site's last agent revoked: its series go away.
     revoke(&cp, &fx, &steady).await?;
@@ -399,6 +403,7 @@ async fn audit_verification_finds_a_tampered_chain(backend: Backend) -> anyhow::
     let cp = start_or_skip!(start(backend, "1s"));
     let a = bootstrap(&cp).await?;
     let b = bootstrap(&cp).await?;
+    let both_exist = now_secs();
     let runs = |s: &Scrape, r: &str| {
         s.get("nkudo_audit_verify_runs_total", &[("result", r)])
             .unwrap_or_default()
@@ -412,7 +417,7 @@ async fn audit_verification_finds_a_tampered_chain(backend: Backend) -> anyhow::
     // Intact chains: runs counted ok, no broken series, a fresh completion time.
     let s = wait_metrics(&cp, "a verification after both tenants exist", |s| {
         let last = s.get("nkudo_audit_verify_last_success_timestamp_seconds", &[])?;
-        (runs(s, "ok") >= 1.0 && last > now_secs() - 0.5).then(|| scrape_clone(s))
+        (runs(s, "ok") >= 1.0 && last > both_exist).then(|| scrape_clone(s))
     })
     .await?;
     let last = s
