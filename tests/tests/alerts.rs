@@ -12,16 +12,28 @@
 //!   is exported by the control plane: its name is a string literal in `control-plane/src/**/*.rs` (histograms
 //!   by their base name), or a recording rule of ours, or one Prometheus makes itself (`up`, `scrape_*`, `ALERTS`).
 //!
-//! Tool: `promtool` (Debian's prometheus package; `NKUDO_PROMTOOL` overrides the path). Missing with CI=true the
-//! promtool tests fail; otherwise they print `SKIPPED: promtool missing` and return.
+//! * End to end: Prometheus (Debian's `/usr/bin/prometheus`) runs `prometheus.yml` as deployed (only the target,
+//!   the CA bundle's path and the intervals are replaced) against a real control plane whose certificate names
+//!   `control-plane`: the target is up over verified TLS, every rule loads and evaluates without error on the
+//!   real series, the recording rules see the enrolled agent and its site, and stopping the control plane makes
+//!   NkudoControlPlaneDown pending.
+//!
+//! Tools: `promtool` and `prometheus` (Debian's prometheus package; `NKUDO_PROMTOOL` overrides promtool's path).
+//! Missing with CI=true the tests that need them fail; otherwise they print `SKIPPED: <tool> missing` and return.
 
-use nkudo_tests::{in_ci, print_skip};
+use nkudo_tests::{
+    bootstrap, current_test_name, enroll_agent, expect_json, free_port, in_ci, legacy_heartbeat_body, poll_until,
+    Backend, ControlPlane, TempDir,
+};
+use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_yaml::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// The alerts of the on-call contract and their runbook pages (runbooks/<file>).
 const CONTRACT: &[(&str, &str)] = &[
@@ -164,6 +176,12 @@ fn recording_rule_names() -> BTreeSet<String> {
 // ---------------------------------------------------------------------------------------------------------------
 // promtool
 
+/// Prints `SKIPPED: <tool> missing` straight to stderr (past libtest's capture, so it is seen).
+fn skip(tool: &str, why: &str) {
+    let line = format!("\n*** SKIPPED: {tool} missing ({why}): {} ***\n", current_test_name());
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// The promtool to run, or `None` (after printing the skip) when it is missing outside CI. Panics in CI.
 fn promtool() -> Option<PathBuf> {
     let bin = std::env::var_os("NKUDO_PROMTOOL")
@@ -179,7 +197,7 @@ fn promtool() -> Option<PathBuf> {
             if in_ci() {
                 panic!("promtool missing ({why}); CI must install Debian's prometheus package");
             }
-            print_skip(&format!("SKIPPED: promtool missing, {why}"));
+            skip("promtool", &why);
             None
         }
     }
@@ -771,4 +789,221 @@ fn metrics_read_by_dashboards_and_analysis_templates_are_exported_by_the_control
         "metrics no control-plane source defines:\n  {}",
         unknown.join("\n  ")
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// End to end: the deployed configuration against a real control plane
+
+/// Debian's Prometheus server.
+const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
+
+/// A Prometheus process of this test, killed when dropped.
+struct PrometheusProcess {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl PrometheusProcess {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /api/v1/<path>` with `query`; the `data` of a successful answer.
+    async fn api(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/{path}", self.url))
+            .query(query)
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::ensure!(v["status"] == "success", "GET /api/v1/{path} {query:?}: {v}");
+        Ok(v["data"].clone())
+    }
+
+    /// The instant vector of `q`.
+    async fn query(&self, q: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let data = self.api("query", &[("query", q)]).await?;
+        Ok(data["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for PrometheusProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces `from` (which must occur exactly once) by `to`.
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(
+        text.matches(from).count(),
+        1,
+        "prometheus.yml should contain `{from}` exactly once"
+    );
+    text.replacen(from, to, 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployed_config_scrapes_a_real_control_plane_and_evaluates_every_rule() -> anyhow::Result<()> {
+    if !Path::new(PROMETHEUS_BIN).exists() {
+        assert!(
+            !in_ci(),
+            "{PROMETHEUS_BIN} missing; CI must install Debian's prometheus package"
+        );
+        skip("prometheus", PROMETHEUS_BIN);
+        return Ok(());
+    }
+    // The control plane's certificate names `control-plane`, as in compose, so the TLS settings stay as deployed.
+    let Some(mut cp) = ControlPlane::builder(Backend::Sqlite)
+        .env("SERVER_NAMES", "control-plane")
+        .env("FLEET_GAUGES_INTERVAL", "1s")
+        .start()
+        .await?
+    else {
+        return Ok(());
+    };
+    let cp_port = cp
+        .base_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+        .expect("control plane port");
+
+    // The deployed configuration and rules, with the target, the CA bundle's path and the intervals replaced.
+    let dir = TempDir::new("nkudo-alerts-prometheus")?;
+    let rules_dir = dir.path().join("rules");
+    fs::create_dir_all(&rules_dir)?;
+    for file in rule_files() {
+        fs::copy(&file, rules_dir.join(file.file_name().expect("file name")))?;
+    }
+    let prom_port = free_port()?;
+    let mut config = fs::read_to_string(prom_dir().join("prometheus.yml"))?;
+    for (from, to) in [
+        ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
+        ("scrape_timeout: 10s", "scrape_timeout: 1s".to_string()),
+        ("evaluation_interval: 15s", "evaluation_interval: 1s".to_string()),
+        (
+            "ca_file: /etc/prometheus/tls/ca-bundle.pem",
+            format!("ca_file: {}", cp.ca_bundle_path.display()),
+        ),
+        ("\"control-plane:8443\"", format!("\"127.0.0.1:{cp_port}\"")),
+        ("\"localhost:9090\"", format!("\"127.0.0.1:{prom_port}\"")),
+    ] {
+        config = replace_once(&config, from, &to);
+    }
+    let config_path = dir.path().join("prometheus.yml");
+    fs::write(&config_path, &config)?;
+    let tsdb = dir.path().join("tsdb");
+    let log = dir.path().join("prometheus.log");
+    let log_file = fs::File::create(&log)?;
+    let child = Command::new(PROMETHEUS_BIN)
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!("--storage.tsdb.path={}", tsdb.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .arg("--log.level=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file.try_clone()?))
+        .stderr(Stdio::from(log_file))
+        .spawn()?;
+    let prom = PrometheusProcess {
+        child,
+        url: format!("http://127.0.0.1:{prom_port}"),
+        log,
+    };
+
+    // An agent that heartbeats.
+    let fx = bootstrap(&cp).await?;
+    let agent = enroll_agent(&cp, &fx, "edge-alerts").await?;
+    let client = agent.client(&cp);
+    let heartbeat = || async {
+        let r = client
+            .post(cp.url("/v1/heartbeat"))
+            .json(&legacy_heartbeat_body(agent.agent_id()))
+            .send()
+            .await?;
+        expect_json::<serde_json::Value>(r, StatusCode::OK, "POST /v1/heartbeat").await
+    };
+    heartbeat().await?;
+
+    // Scraped over TLS verified against the CA bundle, with the server name of the deployment.
+    let up = format!("up{{job=\"{JOB}\"}} == 1");
+    poll_until(Duration::from_secs(60), "the control plane target up", || async {
+        Ok(prom.query(&up).await.ok().filter(|r| !r.is_empty()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nprometheus log:\n{}", prom.log()))?;
+
+    // Every rule is loaded, and evaluates without error on the real series.
+    let expected_rules = rules().len();
+    let health = poll_until(Duration::from_secs(60), "every rule evaluated", || async {
+        let Ok(data) = prom.api("rules", &[]).await else {
+            return Ok(None);
+        };
+        let rules: Vec<serde_json::Value> = data["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = rules
+            .iter()
+            .all(|r| r["lastEvaluation"].as_str().is_some_and(|t| !t.starts_with("0001-")));
+        Ok((rules.len() == expected_rules && evaluated).then_some(rules))
+    })
+    .await?;
+    let errors: Vec<String> = health
+        .iter()
+        .filter(|r| r["health"] != "ok")
+        .map(|r| format!("{}: {} {}", r["name"], r["health"], r["lastError"]))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "rules failing on real series:\n  {}",
+        errors.join("\n  ")
+    );
+    let loaded: BTreeSet<&str> = health.iter().filter_map(|r| r["name"].as_str()).collect();
+    for (name, _) in CONTRACT {
+        assert!(loaded.contains(name), "{name} not loaded by Prometheus");
+    }
+
+    // The recording rules see the fleet as the control plane exports it.
+    let tenant_id = fx.tenant_id().to_string();
+    let site_id = fx.site_id().to_string();
+    let online = format!(
+        "site:nkudo_site_agents:max{{state=\"online\", tenant_id=\"{tenant_id}\", site_id=\"{site_id}\", \
+         tenant=\"{}\", site=\"{}\"}} == 1",
+        fx.tenant.slug, fx.site.name
+    );
+    for q in [
+        "nkudo:agents:count == 1".to_string(),
+        online,
+        "nkudo:heartbeats_ingested:rate3m > 0".to_string(),
+        "instance:nkudo_heartbeat_ingest_seconds:p95_5m < 0.1".to_string(),
+    ] {
+        poll_until(Duration::from_secs(60), &q, || async {
+            heartbeat().await?;
+            Ok(prom.query(&q).await.ok().filter(|r| !r.is_empty()))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\nprometheus log:\n{}", prom.log()))?;
+    }
+    let firing = prom.query("ALERTS{alertname=\"NkudoControlPlaneDown\"}").await?;
+    assert!(
+        firing.is_empty(),
+        "NkudoControlPlaneDown while the control plane is up: {firing:?}"
+    );
+
+    // The control plane goes away: its alert turns pending (it fires after its `for:`).
+    cp.stop().await?;
+    poll_until(Duration::from_secs(60), "NkudoControlPlaneDown pending", || async {
+        let r = prom
+            .query("ALERTS{alertname=\"NkudoControlPlaneDown\", alertstate=\"pending\", severity=\"critical\"}")
+            .await;
+        Ok(r.ok().filter(|r| !r.is_empty()))
+    })
+    .await?;
+    Ok(())
 }
