@@ -29,8 +29,10 @@ apt-get install -y --no-install-recommends \
 
 export CARGO_HOME="${CARGO_HOME:-/usr/local/cargo}"
 export RUSTUP_HOME="${RUSTUP_HOME:-/usr/local/rustup}"
-init="$(mktemp)"
-trap 'rm -f "$init"' EXIT
+# rustup-init picks its mode from its own file name: it must be called rustup-init.
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+init="$tmp/rustup-init"
 curl --proto '=https' --tlsv1.2 --fail --silent --show-error --location --retry 3 \
     --output "$init" "https://static.rust-lang.org/rustup/archive/${RUSTUP_VERSION}/${RUSTUP_TRIPLE}/rustup-init"
 echo "${RUSTUP_INIT_SHA256}  ${init}" | sha256sum --check --strict -
@@ -40,7 +42,7 @@ chmod 0755 "$init"
 "$CARGO_HOME/bin/rustc" --version
 "$CARGO_HOME/bin/cargo" --version
 
-venv=/opt/nkudo-ci-venv
+venv="${NKUDO_CI_VENV:-/opt/nkudo-ci-venv}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip --version
 
