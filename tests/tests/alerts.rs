@@ -783,6 +783,8 @@ fn metrics_read_by_dashboards_and_analysis_templates_are_exported_by_the_control
         eprintln!("no Grafana `expr` or Kubernetes `query` found under deployments/grafana and deployments/k8s");
         return;
     }
+    let files: BTreeSet<&str> = exprs.iter().map(|(f, _)| f.as_str()).collect();
+    eprintln!("{} expressions checked in {} files", exprs.len(), files.len());
     let unknown = unknown_metrics(&exprs);
     assert!(
         unknown.is_empty(),
