@@ -40,6 +40,15 @@ const SCRUBBED_ENV: &[&str] = &[
     "ENROLL_RATE_LIMIT_BURST",
     "HTTP_SHUTDOWN_TIMEOUT",
     "LOG_FORMAT",
+    "AGENT_CA_PREVIOUS_CERT_FILES",
+    "FLEET_GAUGES_INTERVAL",
+    "AUDIT_VERIFY_INTERVAL",
+    "RELEASE_PUBLIC_KEYS",
+    "RELEASE_PUBLIC_KEYS_FILE",
+    "PROMETHEUS_URL",
+    "ROLLOUT_TICK",
+    "MINIMUM_AGENT_VERSION",
+    "SERVER_NAMES",
 ];
 
 /// Path of a workspace binary in the same target profile directory as the running executable
