@@ -18,7 +18,10 @@
 //!   `verify-release-dir.sh` accepts a release `releaser package` wrote and one `releaser promote` wrote, and
 //!   refuses tampered ones.
 //!
-//! External tools: `actionlint`, `shellcheck`, `minisign`. Missing with `CI=true`: the test fails; otherwise it
+//! * the signing steps of release.yml and promote-release.yml (run against a stand-in build) hand the key from the
+//!   secret as a 0600 file under $RUNNER_TEMP, removed however the step ends.
+//!
+//! External tools: `actionlint`, `shellcheck`, `minisign`, `jq`. Missing with `CI=true`: the test fails; otherwise it
 //! prints `SKIPPED: <tool> missing` and returns.
 
 use nkudo_tests::{bin_path, in_ci, TempDir};
@@ -648,6 +651,155 @@ fn release_tag_check_accepts_only_the_workspace_version() {
         }
     }
     assert!(!workspace().join("pwned").exists(), "the tag was executed");
+}
+
+/// A stand-in for `cargo` / `releaser` that records what a signing step hands it: its arguments, the `--key`
+/// file's mode and content while it runs, and which secrets it can see; then exits with `$STUB_EXIT`.
+const SIGNING_STUB: &str = r#"#!/usr/bin/env bash
+set -eu
+key=""
+prev=""
+for a in "$@"; do
+    if [ "$prev" = "--key" ]; then key="$a"; fi
+    prev="$a"
+done
+{
+    printf 'args=%s\n' "$*"
+    printf 'key=%s\n' "$key"
+    printf 'mode=%s\n' "$(stat -c %a "$key")"
+    printf 'content=%s\n' "$(tr '\n' '|' <"$key")"
+    printf 'release_key_env=%s\n' "${NKUDO_RELEASE_KEY-unset}"
+    printf 'passphrase_env=%s\n' "${NKUDO_SIGNING_KEY_PASSPHRASE-unset}"
+} >"$STUB_RECORD"
+exit "${STUB_EXIT:-0}"
+"#;
+
+fn record_of(path: &Path) -> Vec<(String, String)> {
+    read(path)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs a signing step with the stub as `stub_path` (relative to a fresh directory, or on PATH when it is a bare
+/// name); returns the step's output, the stub's record and the runner temp directory.
+fn run_signing_step(
+    script: &str,
+    stub_name: &str,
+    env: &[(&str, &str)],
+    exit: i32,
+) -> (Output, Vec<(String, String)>, TempDir) {
+    let tmp = TempDir::new("workflows-signing").expect("temp dir");
+    let runner_temp = tmp.path().join("runner-temp");
+    let work = tmp.path().join("work");
+    let bin = tmp.path().join("bin");
+    for d in [&runner_temp, &work, &bin] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let stub = if stub_name.contains('/') {
+        work.join(stub_name)
+    } else {
+        bin.join(stub_name)
+    };
+    std::fs::create_dir_all(stub.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&stub, SIGNING_STUB).expect("write stub");
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let record = tmp.path().join("record");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let exit = exit.to_string();
+    let runner_temp_s = runner_temp.to_string_lossy().into_owned();
+    let record_s = record.to_string_lossy().into_owned();
+    let mut all_env: Vec<(&str, &str)> = vec![
+        ("PATH", &path),
+        ("RUNNER_TEMP", &runner_temp_s),
+        ("STUB_RECORD", &record_s),
+        ("STUB_EXIT", &exit),
+    ];
+    all_env.extend_from_slice(env);
+    let (out, _) = run_step(script, &work, &all_env);
+    let rec = if record.exists() {
+        record_of(&record)
+    } else {
+        Vec::new()
+    };
+    (out, rec, tmp)
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("runner-temp"))
+        .expect("read")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The key from the secret reaches the build as a 0600 file under $RUNNER_TEMP that is gone once the step ends
+/// (also when the build fails); the secret itself is not in the build's environment; a passphrase is passed only
+/// when one is configured. For release.yml's dist step and promote-release.yml's promote step.
+#[test]
+fn signing_steps_hand_the_key_as_a_private_file_and_remove_it() {
+    let secret = "untrusted comment: minisign encrypted secret key\nRWRTY0IyAAAAstand-in-key-material";
+    let release = load("release.yml");
+    let promote = load("promote-release.yml");
+    let steps = [
+        (
+            step_script(&release, "build", "cargo xtask dist (build, package, sign)"),
+            "cargo",
+            vec![("VERSION", "1.2.3-pre.4")],
+            "xtask dist --version 1.2.3-pre.4 --key ",
+        ),
+        (
+            step_script(&promote, "promote", "releaser promote"),
+            "target/release/releaser",
+            vec![
+                ("TAG", "v1.2.3"),
+                ("LATEST", "1.2.2"),
+                ("ROLLBACK", "false"),
+                ("PUBKEY", "RWQ"),
+            ],
+            "promote source --to v1.2.3 --public-key-string RWQ --key ",
+        ),
+    ];
+    for (script, stub, env, args_start) in &steps {
+        for (exit, passphrase) in [(0, ""), (1, ""), (0, "correct horse")] {
+            let mut env = env.clone();
+            env.push(("NKUDO_RELEASE_KEY", secret));
+            env.push(("RELEASE_KEY_PASSPHRASE", passphrase));
+            let (out, rec, tmp) = run_signing_step(script, stub, &env, exit);
+            let case = format!("{stub} exit {exit} passphrase {passphrase:?}");
+            assert_eq!(out.status.success(), exit == 0, "{case}:\n{}", text(&out));
+            let get = |k: &str| output_of(&rec, k).unwrap_or_else(|| panic!("{case}: no {k} in {rec:?}"));
+            assert!(get("args").starts_with(args_start), "{case}: {}", get("args"));
+            let key = PathBuf::from(get("key"));
+            assert!(
+                key.starts_with(tmp.path().join("runner-temp")),
+                "{case}: key file {}",
+                key.display()
+            );
+            assert_eq!(get("mode"), "600", "{case}");
+            assert_eq!(get("content"), format!("{}|", secret.replace('\n', "|")), "{case}");
+            assert_eq!(
+                get("release_key_env"),
+                "unset",
+                "{case}: the secret is in the build's environment"
+            );
+            let want_pass = if passphrase.is_empty() { "unset" } else { passphrase };
+            assert_eq!(get("passphrase_env"), want_pass, "{case}");
+            assert!(!key.exists(), "{case}: {} left behind", key.display());
+            assert!(leftovers(tmp.path()).is_empty(), "{case}: {:?}", leftovers(tmp.path()));
+        }
+        let mut env = env.clone();
+        env.push(("NKUDO_RELEASE_KEY", ""));
+        env.push(("RELEASE_KEY_PASSPHRASE", ""));
+        let (out, rec, _tmp) = run_signing_step(script, stub, &env, 0);
+        assert!(!out.status.success(), "{stub}: ran without a key:\n{}", text(&out));
+        assert!(rec.is_empty(), "{stub}: the build ran without a key");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("NKUDO_RELEASE_KEY"),
+            "{}",
+            text(&out)
+        );
+    }
 }
 
 #[test]
