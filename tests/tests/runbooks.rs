@@ -10,7 +10,10 @@
 //!   ```console, ```shell or unlabelled; `$ ` prompts; after `sudo`, `env`, `VAR=value`, in pipelines, `$(...)`,
 //!   `sh -c '...'`) exists: each subcommand is listed in its parent's `--help` of the real binary
 //!   (`target/<profile>/`, see `bin_path`) and each `--flag` appears in that subcommand's `--help`;
-//! * every `$CP/...` path in a shell code block is a route of the control plane (`control-plane/src/routes/mod.rs`).
+//! * every `$CP/...` path in a shell code block is a route of the control plane (`control-plane/src/routes/mod.rs`);
+//! * every shell code block parses (`bash -n`) and passes `shellcheck --severity=warning` (SC2034 and SC2164
+//!   excluded: a block's variables are used by later blocks, and `cd ... || exit` would close the operator's
+//!   interactive shell). A missing shellcheck skips that half loudly, or fails when `CI` is set.
 //!
 //! The shell-word parser, the help parser and the checker are unit-tested on fixed strings, so a parser that
 //! silently finds nothing fails.
@@ -496,9 +499,14 @@ fn invocations(script: &str) -> Vec<Invocation> {
     found
 }
 
-/// The shell script of a code block: `$ ` prompt lines when the block has any (the other lines are output),
-/// else every line; here-document bodies are dropped.
+/// The shell script of a code block whose commands are looked for: [`block_shell`] without here-document bodies.
 fn block_script(block: &CodeBlock) -> String {
+    block_shell(block, true)
+}
+
+/// The shell text of a code block: `$ ` prompt lines when the block has any (the other lines are output), else
+/// every line; here-document bodies dropped when `drop_heredocs`.
+fn block_shell(block: &CodeBlock, drop_heredocs: bool) -> String {
     let prompted = block.lines.iter().any(|l| l.trim_start().starts_with("$ "));
     let mut out = String::new();
     let mut heredoc_end: Option<String> = None;
@@ -507,6 +515,10 @@ fn block_script(block: &CodeBlock) -> String {
         if let Some(end) = &heredoc_end {
             if line.trim() == end {
                 heredoc_end = None;
+            }
+            if !drop_heredocs {
+                out.push_str(line);
+                out.push('\n');
             }
             continue;
         }
@@ -1085,6 +1097,84 @@ fn every_control_plane_path_shown_is_a_route() {
     println!("{checked} control-plane paths checked against {} routes", routes.len());
     assert!(checked > 0, "no $CP paths found: the path extraction is broken");
     assert!(problems.is_empty(), "unknown routes:\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn shell_blocks_parse_and_pass_shellcheck() {
+    let shellcheck = tool_or_skip("shellcheck");
+    let mut problems = Vec::new();
+    let mut blocks_checked = 0;
+    for (path, text) in runbook_pages() {
+        let (blocks, _) = split_markdown(&text);
+        for block in blocks.iter().filter(|b| SHELL_LANGS.contains(&b.lang.as_str())) {
+            let script = block_shell(block, false);
+            let where_ = format!("{} (block at line {})", file_name(&path), block.first_line);
+            let out = run_with_stdin(Command::new("bash").arg("-n"), &script);
+            if !out.status.success() {
+                problems.push(format!(
+                    "{where_}: bash -n: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            if let Some(sc) = &shellcheck {
+                let out = run_with_stdin(
+                    Command::new(sc).args(["-s", "bash", "--severity=warning", "-e", "SC2034,SC2164", "-"]),
+                    &script,
+                );
+                if !out.status.success() {
+                    problems.push(format!(
+                        "{where_}: shellcheck:\n{}",
+                        String::from_utf8_lossy(&out.stdout).trim()
+                    ));
+                }
+            }
+            blocks_checked += 1;
+        }
+    }
+    println!(
+        "{blocks_checked} shell blocks checked with bash -n{}",
+        if shellcheck.is_some() { " and shellcheck" } else { "" }
+    );
+    assert!(blocks_checked > 0, "no shell code blocks found");
+    assert!(problems.is_empty(), "shell blocks:\n  {}", problems.join("\n  "));
+}
+
+/// An external tool on `PATH`: `Some(path)`; missing: a loud SKIPPED line and `None`, or a failure under `CI`.
+fn tool_or_skip(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(
+            !ci,
+            "{name} is not installed and CI is set: install it (Debian: apt-get install {name})"
+        );
+        println!("SKIPPED: {name} missing (set CI=true to make this a failure)");
+    }
+    found
+}
+
+fn run_with_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .unwrap_or_else(|e| panic!("write to {cmd:?}: {e}"));
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
 }
 
 // -------------------------------------------------------------------------------------------------------------
