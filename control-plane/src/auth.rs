@@ -186,6 +186,30 @@ impl TenantAuth {
     }
 }
 
+impl AgentAuth {
+    /// Records an agent naming another tenant's resource (an execution id of another tenant in a result or a
+    /// log frame): the same counters, log line and audit event as [`ApiKeyAuth::cross_tenant`], under the
+    /// agent's own tenant, with the agent as the actor. Call it after the request's own write transaction has
+    /// ended (the audit event is a write of its own).
+    pub async fn cross_tenant(&self, state: &SharedState, kind: &'static str, id: &str) {
+        let tenant_id = &self.agent.tenant_id;
+        state.metrics.auth_failures.with_label_values(&["cross_tenant"]).inc();
+        let slug = tenant_slug(state, tenant_id).await;
+        state
+            .metrics
+            .tenant_isolation_violations
+            .with_label_values(&[&slug, tenant_id, kind])
+            .inc();
+        tracing::warn!(tenant = %slug, tenant_id = %tenant_id, agent_id = %self.agent.id, kind, id,
+            "cross-tenant access by an agent refused");
+        let ev = AuditEvent::new(tenant_id, "auth.cross_tenant", kind, id)
+            .actor("AGENT", Some(&self.agent.id))
+            .site(&self.agent.site_id)
+            .outcome("denied");
+        audit::record_standalone(&state.db, ev).await;
+    }
+}
+
 /// The resource kinds a cross-tenant refusal names (`kind` of `nkudo_tenant_isolation_violations_total`): the
 /// tenant in the path, a site, an execution.
 pub const CROSS_TENANT_KINDS: [&str; 3] = ["tenant", "site", "execution"];

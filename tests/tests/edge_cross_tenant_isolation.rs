@@ -1,11 +1,24 @@
 //! Suite 4 of the acceptance plan, with two real agents in two tenants: tenant B's API key cannot see or touch
 //! tenant A's site, plans, executions, logs or VMs (404, never a hint); B's agent never leases A's plan, cannot
-//! report A's results (404) nor write A's logs (dropped); A's plan runs on A's agent only.
+//! report A's results (404) nor write A's logs (dropped), and both attempts are counted as isolation
+//! violations of B; A's plan runs on A's agent only.
 
 use nkudo_core::api::{AgentLogsRequest, LogEntry, LogIngestResponse};
 use nkudo_tests::*;
 use reqwest::StatusCode;
 use std::time::Duration;
+
+/// `nkudo_tenant_isolation_violations_total{tenant_id=<tenant>,kind=<kind>}` as /metrics shows it (0 when absent).
+async fn violations(cp: &ControlPlane, tenant_id: &str, kind: &str) -> anyhow::Result<f64> {
+    let text = anon(cp).get(cp.url("/metrics")).send().await?.text().await?;
+    let want = [format!("tenant_id=\"{tenant_id}\""), format!("kind=\"{kind}\"")];
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("nkudo_tenant_isolation_violations_total{"))
+        .filter(|l| want.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
 
 fn agent_http(cp: &ControlPlane, host: &EdgeHost) -> anyhow::Result<reqwest::Client> {
     let cert = std::fs::read_to_string(host.pki_dir.join("client.crt"))?;
@@ -56,6 +69,7 @@ async fn cross_tenant_isolation_rejected() -> anyhow::Result<()> {
     expect_error(r, StatusCode::NOT_FOUND, "").await;
 
     // B's agent (mTLS) cannot report A's execution nor write its logs.
+    let before = violations(&cp, b.tenant_id(), "execution").await?;
     let b_http = agent_http(&cp, &host_b)?;
     let body = result_body(&[(exec_id.as_str(), "create", false, Some("EVIL"), Some("forged"))]);
     let r = report_raw(&cp, &b_http, &body).await;
@@ -78,6 +92,9 @@ async fn cross_tenant_isolation_rejected() -> anyhow::Result<()> {
     let r = b_http.post(cp.url("/agents/logs")).json(&logs).send().await?;
     let ack: LogIngestResponse = expect_json(r, StatusCode::OK, "POST /agents/logs").await?;
     assert_eq!((ack.accepted_frames, ack.dropped_frames), (0, 1));
+    // Both attempts are tenant isolation violations of B (the alert NkudoTenantIsolationViolation reads this).
+    assert_eq!(violations(&cp, b.tenant_id(), "execution").await? - before, 2.0);
+    assert_eq!(violations(&cp, a.tenant_id(), "execution").await?, 0.0);
 
     // B's agent has had several chances to lease: it got nothing of A's.
     wait_heartbeats(&cp, &b, 3).await?;

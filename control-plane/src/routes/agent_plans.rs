@@ -45,6 +45,23 @@ pub async fn next_plans(auth: AgentAuth, State(state): State<SharedState>) -> Ap
     }))
 }
 
+/// Whether `execution_id` is an execution of another tenant than the agent's (a tenant isolation violation,
+/// which answers like an unknown execution but is counted and audited).
+async fn foreign_execution(
+    conn: &mut AnyConnection,
+    who: &Lessee<'_>,
+    execution_id: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let Some(id) = execution_id.filter(|s| !s.is_empty()) else {
+        return Ok(false);
+    };
+    let owner: Option<String> = sqlx::query_scalar("SELECT tenant_id FROM executions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(owner.is_some_and(|t| t != who.tenant_id))
+}
+
 /// The execution a report names: an execution id of the agent's site, or (earlier agents) a plan id plus the
 /// action id.
 async fn resolve_execution(
@@ -105,6 +122,7 @@ pub async fn report_results(
         .await?;
     let mut transitions = Vec::with_capacity(req.results.len());
     let mut unknown = 0;
+    let mut foreign = Vec::new();
     for r in &req.results {
         let exec = resolve_execution(
             &mut tx,
@@ -116,6 +134,9 @@ pub async fn report_results(
         .await?;
         let Some(execution_id) = exec else {
             unknown += 1;
+            if foreign_execution(&mut tx, &who, r.execution_id.as_deref()).await? {
+                foreign.push(r.execution_id.clone().unwrap_or_default());
+            }
             continue;
         };
         transitions.push(Transition {
@@ -126,10 +147,13 @@ pub async fn report_results(
         });
     }
     if transitions.is_empty() {
+        drop(tx);
+        record_foreign(&state, &auth, &foreign).await;
         return Err(ApiError::not_found("execution"));
     }
     let applied = plans::apply_transitions(&mut tx, &who, &transitions).await?;
     tx.commit().await?;
+    record_foreign(&state, &auth, &foreign).await;
     applied.count(&state.metrics);
     let changed = applied.changed;
     Ok((
@@ -137,6 +161,21 @@ pub async fn report_results(
         Json(serde_json::json!({ "status": "accepted", "applied": changed, "unknown": unknown })),
     ))
 }
+
+/// Counts and audits the other tenants' executions a request named (after its transaction ended).
+/// At most [`MAX_FOREIGN_AUDITED`] per request are recorded, so a misbehaving agent cannot flood the audit trail.
+async fn record_foreign(state: &SharedState, auth: &AgentAuth, ids: &[String]) {
+    for id in ids.iter().take(MAX_FOREIGN_AUDITED) {
+        auth.cross_tenant(state, "execution", id).await;
+    }
+    if ids.len() > MAX_FOREIGN_AUDITED {
+        tracing::warn!(agent_id = %auth.agent.id, more = ids.len() - MAX_FOREIGN_AUDITED,
+            "further cross-tenant execution ids in the same request were not recorded");
+    }
+}
+
+/// Most cross-tenant execution ids of one request that are counted and audited.
+const MAX_FOREIGN_AUDITED: usize = 5;
 
 fn severity(s: &str) -> &'static str {
     match s.trim().to_ascii_uppercase().as_str() {
@@ -169,6 +208,7 @@ async fn ingest(state: &SharedState, auth: &AgentAuth, entries: &[LogEntry]) -> 
         .execute(&mut *tx)
         .await?;
     let mut resolved: std::collections::HashMap<(String, Option<String>), Option<String>> = Default::default();
+    let mut foreign = Vec::new();
     for e in entries {
         let key = (e.execution_id.clone(), e.action_id.clone());
         let exec = match resolved.get(&key) {
@@ -176,6 +216,9 @@ async fn ingest(state: &SharedState, auth: &AgentAuth, entries: &[LogEntry]) -> 
             None => {
                 let found =
                     resolve_execution(&mut tx, &who, Some(&e.execution_id), None, e.action_id.as_deref()).await?;
+                if found.is_none() && foreign_execution(&mut tx, &who, Some(&e.execution_id)).await? {
+                    foreign.push(e.execution_id.clone());
+                }
                 resolved.insert(key, found.clone());
                 found
             }
@@ -211,6 +254,7 @@ async fn ingest(state: &SharedState, auth: &AgentAuth, entries: &[LogEntry]) -> 
         accepted += inserted as i64;
     }
     tx.commit().await?;
+    record_foreign(state, auth, &foreign).await;
     Ok(LogIngestResponse {
         accepted_frames: accepted,
         dropped_frames: entries.len() as i64 - accepted,
