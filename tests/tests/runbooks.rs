@@ -10,7 +10,8 @@
 //!   ```console, ```shell or unlabelled; `$ ` prompts; after `sudo`, `env`, `VAR=value`, in pipelines, `$(...)`,
 //!   `sh -c '...'`) exists: each subcommand is listed in its parent's `--help` of the real binary
 //!   (`target/<profile>/`, see `bin_path`) and each `--flag` appears in that subcommand's `--help`;
-//! * every `$CP/...` path in a shell code block is a route of the control plane (`control-plane/src/routes/mod.rs`);
+//! * every control-plane request shown (a `curl` of `$CP/...` in a shell block, with its method, or an inline
+//!   `` `GET /path` `` in the text) is a route of `control-plane/src/routes/mod.rs` that answers that method;
 //! * every shell code block parses (`bash -n`) and passes `shellcheck --severity=warning` (SC2034 and SC2164
 //!   excluded: a block's variables are used by later blocks, and `cd ... || exit` would close the operator's
 //!   interactive shell). A missing shellcheck skips that half loudly, or fails when `CI` is set.
@@ -412,10 +413,18 @@ fn basename(w: &str) -> &str {
     w.rsplit('/').next().unwrap_or(w)
 }
 
-/// The invocations of our binaries in a shell script: each simple command's program is found after
-/// assignments, `sudo`/`env` and their options, and wrappers (`time`, `exec`, `nohup`, `command`, `nice`,
-/// `timeout`, `watch`, shell keywords); `sh -c '...'` / `bash -c '...'` scripts are searched too.
+/// The invocations of our binaries in a shell script (see [`simple_commands`]).
 fn invocations(script: &str) -> Vec<Invocation> {
+    simple_commands(script)
+        .into_iter()
+        .filter(|c| OUR_BINARIES.contains(&c.bin.as_str()))
+        .collect()
+}
+
+/// Every simple command of a shell script as program (basename) and arguments. The program is found after
+/// assignments, `sudo`/`env` and their options, and wrappers (`time`, `exec`, `nohup`, `command`, `nice`,
+/// `timeout`, `watch`, shell keywords); the scripts of `sh -c '...'` / `bash -c '...'` are split too.
+fn simple_commands(script: &str) -> Vec<Invocation> {
     let toks = shell_tokens(script);
     // Words of each simple command, redirection targets removed.
     let mut commands: Vec<Vec<String>> = vec![Vec::new()];
@@ -480,18 +489,15 @@ fn invocations(script: &str) -> Vec<Invocation> {
             } else if matches!(w, "sh" | "bash") {
                 if let Some(pos) = words[i + 1..].iter().position(|a| a == "-c") {
                     if let Some(inner) = words.get(i + 1 + pos + 1) {
-                        found.extend(invocations(inner));
+                        found.extend(simple_commands(inner));
                     }
                 }
                 break;
             } else {
-                let prog = basename(w);
-                if OUR_BINARIES.contains(&prog) {
-                    found.push(Invocation {
-                        bin: prog.to_string(),
-                        args: words[i + 1..].to_vec(),
-                    });
-                }
+                found.push(Invocation {
+                    bin: basename(w).to_string(),
+                    args: words[i + 1..].to_vec(),
+                });
                 break;
             }
         }
@@ -802,21 +808,52 @@ impl RealHelp {
 // -------------------------------------------------------------------------------------------------------------
 // Control-plane routes
 
-/// Route templates of the control plane: the path literals of `control-plane/src/routes/mod.rs`.
-fn control_plane_routes() -> Vec<String> {
+/// A route of the control plane: its path template and the methods it answers.
+#[derive(Debug, Clone, PartialEq)]
+struct Route {
+    path: String,
+    methods: Vec<String>,
+}
+
+/// The routes of `control-plane/src/routes/mod.rs`: each `.route("<path>", get(..).post(..))` call.
+fn control_plane_routes() -> Vec<Route> {
     let src = std::fs::read_to_string(workspace_root().join("control-plane/src/routes/mod.rs"))
         .expect("read control-plane/src/routes/mod.rs");
+    parse_routes(&src)
+}
+
+fn parse_routes(src: &str) -> Vec<Route> {
+    let starts: Vec<usize> = src.match_indices(".route(").map(|(i, _)| i).collect();
     let mut routes = Vec::new();
-    for (i, _) in src.match_indices(".route(") {
-        let after = &src[i..];
-        if let Some(q) = after.find('"') {
-            let lit = &after[q + 1..];
-            if let Some(end) = lit.find('"') {
-                if lit.starts_with('/') {
-                    routes.push(lit[..end].to_string());
-                }
-            }
+    for (k, &start) in starts.iter().enumerate() {
+        // The call's text: up to the next `.route(` or the router's next method.
+        let end = starts
+            .get(k + 1)
+            .copied()
+            .or_else(|| src[start..].find(".fallback(").map(|e| start + e))
+            .unwrap_or(src.len());
+        let call = &src[start + ".route(".len()..end];
+        let Some(lit) = call.trim_start().strip_prefix('"') else {
+            continue;
+        };
+        let Some(close) = lit.find('"') else { continue };
+        let path = &lit[..close];
+        if !path.starts_with('/') {
+            continue;
         }
+        let rest = &lit[close..];
+        let methods = ["get", "post", "put", "delete", "patch"]
+            .into_iter()
+            .filter(|m| {
+                rest.match_indices(&format!("{m}("))
+                    .any(|(i, _)| i == 0 || !rest[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+            })
+            .map(str::to_uppercase)
+            .collect();
+        routes.push(Route {
+            path: path.to_string(),
+            methods,
+        });
     }
     routes
 }
@@ -836,24 +873,78 @@ fn route_matches(template: &str, path: &str) -> bool {
         })
 }
 
-/// `$CP/...` / `${CP}/...` paths in a script's words (query and fragment cut off).
-fn cp_paths(script: &str) -> Vec<String> {
-    let mut paths = Vec::new();
-    for t in shell_tokens(script) {
-        if let Tok::Word(w) = t {
+/// The control-plane requests of a script's `curl` commands: (method, path) for every `$CP/...` / `${CP}/...`
+/// argument (query and fragment cut off). The method is `-X`/`--request`, else POST when data is sent, else GET.
+fn cp_requests(script: &str) -> Vec<(String, String)> {
+    let mut requests = Vec::new();
+    for cmd in simple_commands(script).into_iter().filter(|c| c.bin == "curl") {
+        let mut method = None;
+        let mut sends_data = false;
+        for (i, a) in cmd.args.iter().enumerate() {
+            if a == "-X" || a == "--request" {
+                method = cmd.args.get(i + 1).cloned();
+            } else if let Some(m) = a
+                .strip_prefix("--request=")
+                .or_else(|| a.strip_prefix("-X").filter(|m| !m.is_empty()))
+            {
+                method = Some(m.to_string());
+            } else if a == "-d" || a.starts_with("--data") || a == "--json" || a == "-F" || a == "--form" {
+                sends_data = true;
+            }
+        }
+        let method = method.unwrap_or_else(|| if sends_data { "POST" } else { "GET" }.to_string());
+        for w in &cmd.args {
             for marker in ["${CP}", "$CP"] {
                 if let Some(i) = w.find(marker) {
                     let rest = &w[i + marker.len()..];
                     if rest.starts_with('/') {
                         let end = rest.find(['?', '#']).unwrap_or(rest.len());
-                        paths.push(rest[..end].to_string());
+                        requests.push((method.to_uppercase(), rest[..end].to_string()));
                     }
                     break;
                 }
             }
         }
     }
-    paths
+    requests
+}
+
+/// Requests named in prose as inline code: `` `GET /admin/agents?version=...` `` → (method, path).
+fn prose_requests(text: &str) -> Vec<(usize, String, String)> {
+    let (_, prose) = split_markdown(text);
+    let mut found = Vec::new();
+    for (n, line) in prose {
+        for (k, span) in line.split('`').enumerate() {
+            if k % 2 == 0 {
+                continue; // outside backticks
+            }
+            let mut parts = span.splitn(2, ' ');
+            let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if ["GET", "POST", "PUT", "DELETE", "PATCH"].contains(&method) && target.starts_with('/') {
+                let end = target.find(['?', '#', ' ']).unwrap_or(target.len());
+                found.push((n, method.to_string(), target[..end].to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// Why a request is not a route of the control plane, if it is not.
+fn route_problem(routes: &[Route], method: &str, path: &str) -> Option<String> {
+    let matching: Vec<&Route> = routes.iter().filter(|r| route_matches(&r.path, path)).collect();
+    if matching.is_empty() {
+        return Some(format!("{method} {path}: no such control-plane route"));
+    }
+    if !matching.iter().any(|r| r.methods.iter().any(|m| m == method)) {
+        let allowed: Vec<String> = matching.iter().flat_map(|r| r.methods.clone()).collect();
+        return Some(format!(
+            "{method} {path}: the route answers {} only",
+            allowed.join(", ")
+        ));
+    }
+    None
 }
 
 // =============================================================================================================
@@ -1070,32 +1161,45 @@ fn every_command_shown_exists_in_the_binaries_help() {
 }
 
 #[test]
-fn every_control_plane_path_shown_is_a_route() {
+fn every_control_plane_request_shown_is_a_route() {
     let routes = control_plane_routes();
     assert!(
         routes.len() > 30,
         "only {} routes parsed from routes/mod.rs",
         routes.len()
     );
+    assert!(
+        routes.iter().all(|r| !r.methods.is_empty()),
+        "routes without a method: the route parser is broken: {routes:?}"
+    );
     let mut problems = Vec::new();
-    let mut checked = 0;
+    let (mut curls, mut mentions) = (0, 0);
     for (path, text) in runbook_pages() {
         let (blocks, _) = split_markdown(&text);
         for block in blocks.iter().filter(|b| SHELL_LANGS.contains(&b.lang.as_str())) {
-            for p in cp_paths(&block_script(block)) {
-                checked += 1;
-                if !routes.iter().any(|r| route_matches(r, &p)) {
+            for (method, p) in cp_requests(&block_script(block)) {
+                curls += 1;
+                if let Some(why) = route_problem(&routes, &method, &p) {
                     problems.push(format!(
-                        "{} (block at line {}): $CP{p} is no control-plane route",
+                        "{} (block at line {}): {why}",
                         file_name(&path),
                         block.first_line
                     ));
                 }
             }
         }
+        for (line, method, p) in prose_requests(&text) {
+            mentions += 1;
+            if let Some(why) = route_problem(&routes, &method, &p) {
+                problems.push(format!("{}:{line}: {why}", file_name(&path)));
+            }
+        }
     }
-    println!("{checked} control-plane paths checked against {} routes", routes.len());
-    assert!(checked > 0, "no $CP paths found: the path extraction is broken");
+    println!(
+        "{curls} curl requests and {mentions} route mentions checked against {} routes",
+        routes.len()
+    );
+    assert!(curls > 0 && mentions > 0, "no requests found: the extraction is broken");
     assert!(problems.is_empty(), "unknown routes:\n  {}", problems.join("\n  "));
 }
 
@@ -1368,10 +1472,14 @@ fn help_parser_and_checker_accept_what_exists_and_refuse_the_rest() {
 }
 
 #[test]
-fn route_matching_and_path_extraction() {
+fn route_matching_and_request_extraction() {
     assert!(route_matches(
         "/admin/agents/{agent_id}/labels",
         "/admin/agents/$AGENT_ID/labels"
+    ));
+    assert!(route_matches(
+        "/admin/agents/{agent_id}/labels",
+        "/admin/agents/{agentID}/labels"
     ));
     assert!(route_matches("/admin/agents", "/admin/agents"));
     assert!(!route_matches("/admin/agents", "/admin/agent"));
@@ -1380,8 +1488,62 @@ fn route_matching_and_path_extraction() {
         "/admin/agents/$AGENT_ID"
     ));
     assert!(!route_matches("/tenants/{tenant_id}/sites", "/tenants/$T/site"));
+    let routes = parse_routes(
+        r#"Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/tenants", post(admin::create_tenant).get(admin::list_tenants))
+        .route(
+            "/tenants/{tenant_id}/api-keys/{key_id}",
+            delete(tenant::delete_api_key),
+        )
+        .route("/admin/desired-versions", put(desired::set).get(desired::list).delete(desired::clear))
+        .fallback(not_found)"#,
+    );
     assert_eq!(
-        cp_paths(r#"curl "${ADM[@]}" "$CP/admin/agents?site_id=$SITE_ID" ${CP}/healthz "$CP"/x"#),
-        words(&["/admin/agents", "/healthz", "/x"])
+        routes,
+        vec![
+            Route {
+                path: "/healthz".into(),
+                methods: words(&["GET"])
+            },
+            Route {
+                path: "/tenants".into(),
+                methods: words(&["GET", "POST"])
+            },
+            Route {
+                path: "/tenants/{tenant_id}/api-keys/{key_id}".into(),
+                methods: words(&["DELETE"])
+            },
+            Route {
+                path: "/admin/desired-versions".into(),
+                methods: words(&["GET", "PUT", "DELETE"])
+            },
+        ]
+    );
+    assert_eq!(
+        cp_requests(
+            r#"curl "${ADM[@]}" "$CP/admin/agents?site_id=$SITE_ID" | jq .; curl -sS ${CP}/healthz
+curl "${TEN[@]}" -X DELETE "$CP/tenants/$T/api-keys/$K"; curl "${ADM[@]}" -d '{}' "$CP"/tenants; echo "$CP/x""#
+        ),
+        vec![
+            ("GET".to_string(), "/admin/agents".to_string()),
+            ("GET".to_string(), "/healthz".to_string()),
+            ("DELETE".to_string(), "/tenants/$T/api-keys/$K".to_string()),
+            ("POST".to_string(), "/tenants".to_string()),
+        ]
+    );
+    assert_eq!(route_problem(&routes, "POST", "/tenants"), None);
+    assert!(route_problem(&routes, "PUT", "/tenants").is_some_and(|p| p.contains("answers GET, POST only")));
+    assert!(route_problem(&routes, "GET", "/tenant").is_some_and(|p| p.contains("no such")));
+    assert_eq!(
+        prose_requests("Use `GET /healthz?x=1` or `DELETE /tenants/{tenantID}/api-keys/{keyID}`, not `GET me`.\n"),
+        vec![
+            (1, "GET".to_string(), "/healthz".to_string()),
+            (
+                1,
+                "DELETE".to_string(),
+                "/tenants/{tenantID}/api-keys/{keyID}".to_string()
+            ),
+        ]
     );
 }
