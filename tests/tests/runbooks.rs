@@ -230,6 +230,23 @@ fn sections(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The text of a level-2 section (up to the next level-2 heading), empty when there is none.
+fn section_text(text: &str, title: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix("## ") {
+            inside = t.trim() == title;
+            continue;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Inline links `[text](target)` of the prose lines (inline code spans skipped): `(line, target)`.
 fn markdown_links(text: &str) -> Vec<(usize, String)> {
     let (_, prose) = split_markdown(text);
@@ -996,10 +1013,27 @@ fn every_alert_links_its_contract_runbook() {
                         continue;
                     }
                 };
-                if !runbooks_dir().join(page).is_file() {
-                    problems.push(format!(
+                match std::fs::read_to_string(runbooks_dir().join(page)) {
+                    Err(_) => problems.push(format!(
                         "alert {alert}: runbook_url names runbooks/{page}, which does not exist"
-                    ));
+                    )),
+                    Ok(text) => {
+                        // The page's Alert section names the alert and its severity as the rule sets it.
+                        let severity = rule
+                            .get("labels")
+                            .and_then(|l| l.get("severity"))
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("");
+                        let section = section_text(&text, "Alert");
+                        if !section.contains(&format!("`{alert}`")) {
+                            problems.push(format!("runbooks/{page}: its Alert section does not name `{alert}`"));
+                        }
+                        if severity.is_empty() || !section.contains(severity) {
+                            problems.push(format!(
+                                "runbooks/{page}: its Alert section does not give {alert}'s severity {severity:?}"
+                            ));
+                        }
+                    }
                 }
                 if let Some(want) = contract.get(alert) {
                     if *want != page {
@@ -1380,6 +1414,8 @@ fn markdown_parser_finds_blocks_links_and_anchors() {
         assert!(anchors.contains(a), "{a} missing from {anchors:?}");
     }
     assert_eq!(sections(md), vec!["Roll back".to_string(), "Roll back".to_string()]);
+    assert!(section_text(md, "Roll back").contains("releaser list"));
+    assert_eq!(section_text(md, "Alert"), "");
     assert_eq!(
         github_slug("Configuration (environment; a duration is `15s`, or bare seconds)"),
         "configuration-environment-a-duration-is-15s-or-bare-seconds"
