@@ -1,5 +1,6 @@
 //! `nkudo-control-plane`: the multi-tenant control plane. `serve` (default) runs the HTTPS API,
-//! `migrate` applies database migrations, `audit verify` checks every audit hash chain.
+//! `migrate` applies database migrations, `audit verify` checks every audit hash chain, `healthcheck` asks a
+//! running control plane whether it is ready (for container healthchecks: the image has no shell or curl).
 
 mod agents;
 mod audit;
@@ -59,6 +60,22 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Ask a running control plane whether it is ready (GET /readyz over verified TLS): exit 0 ready, 1 not
+    /// ready or unreachable. Meant for container healthchecks (the image has no shell or HTTP client).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct HealthcheckArgs {
+    /// The readiness URL [default: https://127.0.0.1:<port of CONTROL_PLANE_ADDR>/readyz]
+    #[arg(long)]
+    url: Option<String>,
+    /// PEM file of the CA(s) that verify the server certificate [default: <NKUDO_DATA_DIR>/pki/ca-bundle.pem]
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = nkudo_core::duration::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +112,7 @@ fn main() -> std::process::ExitCode {
             Command::Audit {
                 command: AuditCommand::Verify,
             } => audit_verify(cfg).await,
+            Command::Healthcheck(args) => healthcheck(cfg, args).await,
         }
     });
     match result {
@@ -139,6 +157,42 @@ async fn migrate(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     let applied = db.migrate().await.context("applying migrations")?;
     println!("migrations applied ({} new: {})", applied.len(), applied.join(", "));
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn healthcheck(cfg: Config, args: HealthcheckArgs) -> anyhow::Result<std::process::ExitCode> {
+    let url = args
+        .url
+        .unwrap_or_else(|| format!("https://127.0.0.1:{}/readyz", cfg.listen_addr.port()));
+    let ca_file = args
+        .ca_file
+        .unwrap_or_else(|| cfg.data_dir.join("pki").join("ca-bundle.pem"));
+    let pem = std::fs::read(&ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+    let mut client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .timeout(args.timeout);
+    for cert in reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("{}: not a PEM certificate bundle", ca_file.display()))?
+    {
+        client = client.add_root_certificate(cert);
+    }
+    let client = client.build().context("building the HTTPS client")?;
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => {
+            println!("ready: {url} answered {}", r.status());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Ok(r) => {
+            let status = r.status();
+            let body: String = r.text().await.unwrap_or_default().chars().take(500).collect();
+            println!("not ready: {url} answered {status}: {body}");
+            Ok(std::process::ExitCode::from(1))
+        }
+        Err(e) => {
+            println!("not ready: {url}: {e}");
+            Ok(std::process::ExitCode::from(1))
+        }
+    }
 }
 
 async fn audit_verify(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
@@ -219,7 +273,8 @@ async fn serve(cfg: Config) -> anyhow::Result<std::process::ExitCode> {
     let local = listener.local_addr()?;
     let metrics = metrics::Metrics::new();
     let metrics_registry = &metrics.registry().clone();
-    pki.register_metrics(metrics_registry).context("registering the PKI metrics")?;
+    pki.register_metrics(metrics_registry)
+        .context("registering the PKI metrics")?;
     let state = Arc::new(state::AppState {
         enroll_limiter: ratelimit::RateLimiter::per_minute(cfg.enroll_rate_per_minute, cfg.enroll_rate_burst),
         metrics,

@@ -465,12 +465,19 @@ fn compose_services_are_wired_with_healthchecks_volumes_and_conditions() {
     let has = |a: &str, b: &str, cond: &str| conditions.iter().any(|(x, y, z)| x == a && y == b && z == cond);
     assert!(has("control-plane", "postgres", "service_healthy"), "{conditions:?}");
     assert!(has("grafana", "prometheus", "service_healthy"), "{conditions:?}");
-    for name in ["postgres", "prometheus", "grafana"] {
+    for name in ["postgres", "control-plane", "prometheus", "grafana"] {
         assert!(
             map_get(s(services, &[name]), "healthcheck").is_some(),
             "{name} has no healthcheck"
         );
     }
+    // The control plane checks itself (its image has no shell or HTTP client); the CA bundle is exported once
+    // it is ready.
+    assert_eq!(
+        seq_strs(s(services, &["control-plane", "healthcheck", "test"])),
+        ["CMD", "/usr/local/bin/nkudo-control-plane", "healthcheck"]
+    );
+    assert!(has("ca-bundle", "control-plane", "service_healthy"), "{conditions:?}");
     // The control plane talks to the Postgres service and to this Prometheus.
     let env = s(services, &["control-plane", "environment"]);
     assert!(str_of(env, &["DATABASE_URL"]).contains("@postgres:5432/"));

@@ -464,3 +464,53 @@ async fn production_mode_with_persistent_pki_sqlite() -> anyhow::Result<()> {
     assert_eq!(r.status(), StatusCode::OK);
     Ok(())
 }
+
+/// `nkudo-control-plane healthcheck` (the container healthcheck of deployments/compose): exit 0 when the
+/// control plane answers /readyz over TLS verified with its CA bundle; exit 1 when the certificate is not
+/// trusted (another CA) or nothing answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand() -> anyhow::Result<()> {
+    let mut cp = start_or_skip!(ControlPlane::builder(Backend::Sqlite).start());
+    let url = cp.url("/readyz");
+    let ok = cp.run_cli(["healthcheck", "--url", url.as_str()]);
+    assert_eq!(ok.status.code(), Some(0), "{}", output_text(&ok));
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).starts_with("ready:"),
+        "{}",
+        output_text(&ok)
+    );
+
+    // A CA that did not issue the server certificate: refused by the TLS handshake.
+    let other = TempDir::new("healthcheck-ca")?;
+    let (key, crt) = (other.path().join("ca.key"), other.path().join("ca.crt"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-subj", "/CN=not the n-kudo CA", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()?;
+    assert!(made.status.success(), "{}", output_text(&made));
+    let untrusted = cp.run_cli([
+        "healthcheck".as_ref(),
+        "--url".as_ref(),
+        url.as_str().as_ref(),
+        "--ca-file".as_ref(),
+        crt.as_os_str(),
+    ]);
+    assert_eq!(untrusted.status.code(), Some(1), "{}", output_text(&untrusted));
+    assert!(String::from_utf8_lossy(&untrusted.stdout).starts_with("not ready:"));
+
+    cp.stop().await?;
+    let down = cp.run_cli(["healthcheck", "--url", url.as_str(), "--timeout", "2s"]);
+    assert_eq!(down.status.code(), Some(1), "{}", output_text(&down));
+    Ok(())
+}
