@@ -189,7 +189,12 @@ async fn agent_ca_and_server_certificate_rotation_orphans_no_agent() -> anyhow::
     assert_unknown_ca_refused(&cp, &edge_id).await;
 
     // Stage 1: B current, A previous, the server certificate unchanged (A's).
-    let rotation_started = chrono::Utc::now();
+    // In whole seconds, as certificate times are: a certificate issued from now on expires at or after
+    // `rotation_started + ttl` even when it is issued within this second. The pause puts the stage 0
+    // certificates into an earlier second (in production, minutes lie between enrollment and rotation).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let rotation_started =
+        chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).expect("a representable time");
     files.write(&ca_b, &[&ca_a], &server_a, &ca_a);
     cp.restart().await?;
     assert_eq!(
@@ -260,7 +265,8 @@ async fn agent_ca_and_server_certificate_rotation_orphans_no_agent() -> anyhow::
     assert_eq!(
         agents_on_the_old_ca(&cp, rotation_started, ttl).await?,
         vec![straggler.agent_id().to_string()],
-        "/admin/agents: the agents still on the old CA"
+        "/admin/agents: the agents still on the old CA (the renewed agent is {edge_id}, renewed from {})",
+        rotation_started.to_rfc3339()
     );
     assert_unknown_ca_refused(&cp, &edge_id).await;
 
