@@ -2548,6 +2548,64 @@ mod tests {
         assert_eq!(pki.agent_ca_of(&other_name), AgentCa::Previous);
     }
 
+    /// A CA certificate without subjectKeyIdentifier (rcgen then derives the key identifier it
+    /// writes into issued certificates from the key): its certificates still count as current
+    /// while a previous CA is listed.
+    #[test]
+    fn a_current_ca_without_subject_key_identifier_is_recognised() {
+        let tmp = TempDir::new("noski");
+        let key_path = tmp.path().join("ca.key");
+        let crt_path = tmp.path().join("ca.crt");
+        let key_arg = key_path.to_string_lossy().into_owned();
+        let crt_arg = crt_path.to_string_lossy().into_owned();
+        let genkey = ["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", &key_arg];
+        if openssl(&genkey).is_none() {
+            return;
+        }
+        let req = [
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key_arg,
+            "-subj",
+            "/CN=agent CA without SKI",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-addext",
+            "subjectKeyIdentifier=none",
+            "-addext",
+            "authorityKeyIdentifier=none",
+            "-out",
+            &crt_arg,
+        ];
+        openssl(&req).expect("openssl present");
+        let ca_der = first_cert_der(&read_string(&crt_path));
+        let no_ski = parse(ca_der.as_ref())
+            .iter_extensions()
+            .all(|e| !matches!(e.parsed_extension(), ParsedExtension::SubjectKeyIdentifier(_)));
+        assert!(no_ski, "openssl wrote a subjectKeyIdentifier");
+        let (prev_crt, _, _, _) = write_rcgen_ca(tmp.path(), "previous", &rcgen::PKCS_ECDSA_P256_SHA256);
+
+        let mut cfg = dev_config(tmp.path());
+        cfg.ca_cert_file = Some(crt_path);
+        cfg.ca_key_file = Some(key_path);
+        cfg.previous_ca_cert_files = vec![prev_crt];
+        let pki = Pki::load_or_create(&cfg).expect("load");
+        let (csr, _) = rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let issued = pki.sign_agent_csr(&csr, &ID, TTL).expect("sign");
+        let peer = peer_identity(first_cert_der(&issued.cert_pem).as_ref()).expect("peer");
+        assert!(
+            peer.authority_key_id.is_some(),
+            "issued certificates name their CA's key"
+        );
+        assert_eq!(pki.agent_ca_of(&peer), AgentCa::Current);
+    }
+
     #[test]
     fn heartbeats_by_ca_are_counted_in_the_registry() {
         let tmp = TempDir::new("metric");
