@@ -2,7 +2,8 @@
 //!
 //! * every alert in `deployments/prometheus/rules/*.yml` has a `runbook_url` of the contract form
 //!   (`https://github.com/n-kudo/n-kudo/blob/main/runbooks/<file>.md`) whose file exists, the one the on-call
-//!   contract names for it; every contract alert is defined;
+//!   contract names for it, whose Alert section names it with the rule's severity, and which `runbooks/README.md`
+//!   lists on the alert's row; every contract alert is defined;
 //! * every contract page (one per alert, one per procedure) exists, has the sections Symptoms, Alert, Diagnose,
 //!   Fix, Verify and Roll back, and is linked from `runbooks/README.md`;
 //! * every relative markdown link in `runbooks/*.md` resolves to a file, and its `#anchor` to a heading of it;
@@ -977,6 +978,7 @@ fn every_alert_links_its_contract_runbook() {
         .collect();
     files.sort();
     let contract: HashMap<&str, &str> = CONTRACT_ALERTS.iter().copied().collect();
+    let index = std::fs::read_to_string(runbooks_dir().join("README.md")).expect("runbooks/README.md exists");
     let mut problems = Vec::new();
     let mut seen = Vec::new();
     for file in &files {
@@ -1039,6 +1041,13 @@ fn every_alert_links_its_contract_runbook() {
                     if *want != page {
                         problems.push(format!("alert {alert}: links {page}, the contract says {want}"));
                     }
+                }
+                // The index lists the alert on a row that links its page.
+                if !index
+                    .lines()
+                    .any(|l| l.contains(&format!("`{alert}`")) && l.contains(&format!("({page})")))
+                {
+                    problems.push(format!("runbooks/README.md has no row for `{alert}` linking {page}"));
                 }
                 println!("alert {alert:<36} -> runbooks/{page}");
                 seen.push(alert.to_string());
