@@ -4,8 +4,10 @@
 //! N or N-1 ([`is_agent_supported`]); [`minimum_supported_agent_version`] is what the heartbeat answer carries.
 //!
 //! Release versions are `vX.Y.Z` tags. Every other build is a pre-release `v{base}-pre.{count}+{sha}`
-//! ([`pre_release`], [`parse_pre_release`]): `base` is the latest full release (or `0.0.0`), `count` the commits
-//! since it and `sha` the short commit. Versions are ordered by SemVer precedence ([`compare`]): build metadata
+//! ([`pre_release`], [`parse_pre_release`]): `base` is the release it leads to ([`pre_release_base`]: the
+//! version the workspace declares, or the patch after the latest release when that is higher), `count` the
+//! commits since the latest release and `sha` the short commit. A pre-release built after release X.Y.Z thus
+//! sorts above X.Y.Z, so agents on X.Y.Z take it as an upgrade and `releaser promote` accepts it. Versions are ordered by SemVer precedence ([`compare`]): build metadata
 //! is ignored, a pre-release sorts before its release and `-pre.9` before `-pre.10`. [`is_valid_release_bump`]
 //! is the rule `releaser promote` applies, [`display`] the `v`-prefixed form tags and people use.
 
@@ -153,12 +155,28 @@ pub fn is_short_sha(sha: &str) -> bool {
     (7..=12).contains(&sha.len()) && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The base of a pre-release: the release the work leads to. That is the version the workspace declares
+/// (`[workspace.package] version`) when it is above the latest release, else the patch after the latest release
+/// (the declared version was not bumped yet); with no release yet, the declared version (or `0.0.0`).
+/// Pre-release and build parts of the inputs are ignored.
+pub fn pre_release_base(latest_release: Option<&Version>, declared: Option<&Version>) -> Version {
+    let core = |v: &Version| Version::new(v.major, v.minor, v.patch);
+    let next = latest_release.map(|l| Version::new(l.major, l.minor, l.patch + 1));
+    match (next, declared.map(core)) {
+        // Declared not bumped yet (or behind): the next patch; declared ahead: the declared version.
+        (Some(next), Some(d)) => d.max(next),
+        (Some(next), None) => next,
+        (None, Some(d)) => d,
+        (None, None) => Version::new(0, 0, 0),
+    }
+}
+
 /// Builds the pre-release version `{base}-pre.{count}+{sha}` (shown as `v{base}-pre.{count}+{sha}` by
 /// [`display`]). `base` must be a full release (`X.Y.Z`, nothing after it) and `sha` 7 to 12 lowercase hex digits.
 pub fn pre_release(base: &Version, count: u64, sha: &str) -> Result<Version, VersionError> {
     if !base.pre.is_empty() || !base.build.is_empty() {
         return Err(VersionError::InvalidPreRelease {
-            reason: format!("the base {base} must be a full release X.Y.Z (the latest release tag, or 0.0.0)"),
+            reason: format!("the base {base} must be a full release X.Y.Z (see pre_release_base)"),
         });
     }
     if !is_short_sha(sha) {
@@ -490,5 +508,25 @@ mod release_policy_tests {
         assert!(e.to_string().contains("build metadata +abc1234"), "{e}");
         // Equal precedence is not greater, whatever the build metadata says.
         assert!(is_valid_release_bump(Some(&v("1.3.0+old")), &v("1.3.0")).is_err());
+    }
+
+    #[test]
+    fn pre_release_base_is_the_release_it_leads_to() {
+        let v = |s: &str| Version::parse(s).unwrap();
+        // Declared not bumped since the latest release: the next patch, so the pre-release sorts above it.
+        assert_eq!(pre_release_base(Some(&v("0.2.0")), Some(&v("0.2.0"))), v("0.2.1"));
+        assert_eq!(pre_release_base(Some(&v("0.2.0")), None), v("0.2.1"));
+        // Declared ahead of the latest release: that version.
+        assert_eq!(pre_release_base(Some(&v("0.2.0")), Some(&v("0.3.0"))), v("0.3.0"));
+        assert_eq!(pre_release_base(Some(&v("0.2.0")), Some(&v("0.2.1"))), v("0.2.1"));
+        // Declared behind the latest release (a stale branch): still above the release.
+        assert_eq!(pre_release_base(Some(&v("0.2.0")), Some(&v("0.1.0"))), v("0.2.1"));
+        // No release yet.
+        assert_eq!(pre_release_base(None, Some(&v("0.1.0"))), v("0.1.0"));
+        assert_eq!(pre_release_base(None, None), v("0.0.0"));
+        // A pre-release built from the base sorts above the latest release and below the one it leads to.
+        let p = pre_release(&pre_release_base(Some(&v("0.2.0")), Some(&v("0.2.0"))), 3, "abc1234").unwrap();
+        assert_eq!(compare(&p, &v("0.2.0")), Ordering::Greater);
+        assert_eq!(compare(&p, &v("0.2.1")), Ordering::Less);
     }
 }

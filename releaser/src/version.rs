@@ -2,9 +2,12 @@
 //!
 //! * HEAD carries a tag `vX.Y.Z` (a full release, no pre-release part): the version is `X.Y.Z`, channel
 //!   `release`;
-//! * otherwise a pre-release `{base}-pre.{count}+{sha}`: `base` is the highest full-release tag reachable from
-//!   HEAD (or `0.0.0`), `count` the commits since it (all commits when there is no tag), `sha` the 7-character
-//!   short commit. Channel `pre-release`.
+//! * otherwise a pre-release `{base}-pre.{count}+{sha}`: `base` is the release it leads to
+//!   ([`nkudo_core::version::pre_release_base`] of the highest full-release tag reachable from HEAD and the
+//!   workspace's declared version in `Cargo.toml`: after `v0.2.0` with 0.2.0 still declared, `0.2.1`; with 0.3.0
+//!   declared, `0.3.0`), `count` the commits since that tag (all commits when there is none), `sha` the
+//!   7-character short commit. Channel `pre-release`. A pre-release thus sorts above the release it was built
+//!   after, so agents on that release take it as an upgrade.
 //!
 //! Versions are SemVer without the `v` (what `nkudo_core::version::parse` reads, with or without it).
 
@@ -51,13 +54,12 @@ pub fn from_git(repo: &Path) -> Result<GitVersion, VersionError> {
         (v, Channel::Release)
     } else {
         let merged = release_tags(&git(repo, &["tag", "--merged", "HEAD", "--list", "v*"])?);
-        let (base, count) = match merged.into_iter().max() {
-            Some(base) => {
-                let range = format!("v{base}..HEAD");
-                (base, count_commits(repo, &range)?)
-            }
-            None => (Version::new(0, 0, 0), count_commits(repo, "HEAD")?),
+        let latest = merged.into_iter().max();
+        let count = match &latest {
+            Some(latest) => count_commits(repo, &format!("v{latest}..HEAD"))?,
+            None => count_commits(repo, "HEAD")?,
         };
+        let base = nkudo_core::version::pre_release_base(latest.as_ref(), declared_version(repo).as_ref());
         (pre_release(&base, count, &short), Channel::PreRelease)
     };
     Ok(GitVersion {
@@ -67,6 +69,22 @@ pub fn from_git(repo: &Path) -> Result<GitVersion, VersionError> {
         commit_time,
         dirty,
     })
+}
+
+/// The version `<repo>/Cargo.toml` declares (`[workspace.package] version`, else `[package] version`), when it
+/// is a plain `X.Y.Z`.
+pub fn declared_version(repo: &Path) -> Option<Version> {
+    let text = std::fs::read_to_string(repo.join("Cargo.toml")).ok()?;
+    let doc: toml::Table = text.parse().ok()?;
+    let version = doc
+        .get("workspace")
+        .and_then(|w| w.get("package"))
+        .and_then(|p| p.get("version"))
+        .or_else(|| doc.get("package").and_then(|p| p.get("version")))?
+        .as_str()?;
+    Version::parse(version)
+        .ok()
+        .filter(|v| v.pre.is_empty() && v.build.is_empty())
 }
 
 /// `{base}-pre.{count}+{sha}`.
@@ -158,10 +176,23 @@ mod tests {
             ("0.2.0".to_string(), Channel::Release)
         );
 
+        // After release 0.2.0 the pre-releases lead to 0.2.1: they sort above 0.2.0.
         sh(d, &["commit", "-q", "--allow-empty", "-m", "three"]);
         let v = from_git(d).unwrap();
-        assert_eq!(v.version.to_string(), format!("0.2.0-pre.1+{}", &v.commit[..7]));
+        assert_eq!(v.version.to_string(), format!("0.2.1-pre.1+{}", &v.commit[..7]));
         assert_eq!(v.channel, Channel::PreRelease);
+        assert!(v.version > semver::Version::new(0, 2, 0));
+
+        // The workspace declares the next minor: the pre-releases lead to it.
+        std::fs::write(
+            d.join("Cargo.toml"),
+            "[workspace]\nmembers = []\n\n[workspace.package]\nversion = \"0.3.0\"\n",
+        )
+        .unwrap();
+        sh(d, &["add", "Cargo.toml"]);
+        sh(d, &["commit", "-q", "-m", "four"]);
+        let v = from_git(d).unwrap();
+        assert_eq!(v.version.to_string(), format!("0.3.0-pre.2+{}", &v.commit[..7]));
     }
 
     #[test]
