@@ -574,6 +574,14 @@ impl ControlPlane {
         }
     }
 
+    /// Kills the control plane with SIGKILL, as a crash or an OOM kill would: no shutdown code runs (nothing is
+    /// flushed or released), and reaps it. [`ControlPlane::restart`] starts it again.
+    pub fn kill_hard(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("control plane is not running")?;
+        child.kill().context("SIGKILL the control plane")?;
+        Ok(child.wait()?)
+    }
+
     /// Stops the control plane if it runs (SIGTERM; a non-zero exit is an error) and starts it again with the
     /// same data directory, database and admin-key policy. `base_url` etc. are refreshed.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
