@@ -503,6 +503,8 @@ async fn rollout_controller_across_replicas(backend: Backend) -> anyhow::Result<
     eprintln!("set-up: {:?}", t0.elapsed());
 
     // 1. Both replicas up: one acts.
+    // From the moment a replica holds the lease (both take part from their first tick).
+    wait_holder(&mut conn, pids(&cps)).await?;
     let p1 = now_ms();
     let before = fleet.snapshot();
     let r = start_rollout(&cps[1], B).await?;
