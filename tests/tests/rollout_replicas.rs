@@ -4,7 +4,7 @@
 //! heartbeat to both replicas alternately, take the desired version a replica answers with when it is newer and
 //! report it at the next heartbeat. Releases are tiny signed test releases (the agents never download them).
 //!
-//! One scenario, three phases on the same pair (Postgres only; on SQLite the skip line is printed):
+//! One scenario, four phases on the same pair (Postgres only; on SQLite the skip line is printed):
 //! 1. Both replicas up: a three-stage rollout completes; the `controller_leases` row names one holder throughout
 //!    (one of the two processes); each stage starts, bakes and finishes exactly once in the decision log, every
 //!    agent is switched in exactly one decision and switches exactly once; the hash chain verifies (the route and
@@ -16,6 +16,13 @@
 //! 3. Graceful: the killed replica is started again; a new rollout runs; the holder gets SIGTERM just after
 //!    switching `pilot`; it gives the lease up on its way out and the other replica takes over at once (well
 //!    under the TTL) and completes the rollout.
+//! 4. Frozen holder: the replica is started again; a new rollout runs; the holder is frozen with SIGSTOP (a long
+//!    GC pause, a suspended VM) just after switching `pilot`; the other replica takes the lease after the TTL;
+//!    the frozen one is thawed (SIGCONT) after the takeover and never takes the lease back nor adds a decision:
+//!    the log still has every transition exactly once.
+//!
+//! Proof that these assertions bite: with the lease ignored (`acquire` always true) phase 1 fails (the
+//! replicas share the decisions); without the release on shutdown phase 3 fails (takeover after the TTL).
 
 use nkudo_core::api::{Rollout, RolloutDecision, RolloutDecisionsResponse, RolloutState, StartRolloutRequest};
 use nkudo_tests::releases::*;
@@ -32,6 +39,7 @@ const A: &str = "0.1.1";
 const B: &str = "0.1.2";
 const C: &str = "0.1.3";
 const D: &str = "0.1.4";
+const E: &str = "0.1.5";
 const RINGS: [&str; 3] = ["lab", "pilot", "stable"];
 const AGENTS_PER_RING: usize = 2;
 const TICK: &str = "250ms";
@@ -259,6 +267,15 @@ fn pids(cps: &[ControlPlane; 2]) -> [u32; 2] {
         cps[0].pid().expect("replica 0 runs"),
         cps[1].pid().expect("replica 1 runs"),
     ]
+}
+
+/// `kill <sig> <pid>`.
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(st.success(), "kill {sig} {pid}: {st}");
+    Ok(())
 }
 
 /// Waits until the lease row names one of the replicas; returns its index.
@@ -492,7 +509,7 @@ async fn rollout_controller_across_replicas(backend: Backend) -> anyhow::Result<
     let mut cps = [cp0, cp1];
 
     let tmp = TempDir::new("nkudo-rollout-replicas")?;
-    for v in [B, C, D] {
+    for v in [B, C, D, E] {
         let rel = build_release(tmp.path(), &ReleaseSpec::new(v).payload(Payload::ExitsAtOnce), &key)?;
         publish_ok(&cps[0], &rel, &[])?;
     }
@@ -648,6 +665,55 @@ async fn rollout_controller_across_replicas(backend: Backend) -> anyhow::Result<
     check_log(&cps[s], &mut conn, &r.id, &ids).await?;
     assert_switched_once(&fleet, &before, C, D);
     eprintln!("phase 3 (SIGTERM): {:?}", t0.elapsed());
+
+    // 4. A frozen holder (SIGSTOP past the TTL, as a long GC pause or a suspended VM would) loses the lease; once
+    //    thawed it must not act on what it read before: the log stays one decision per transition.
+    cps[h].restart().await?;
+    let before = fleet.snapshot();
+    let r = start_rollout(&cps[s], E).await?;
+    let h = wait_holder(&mut conn, pids(&cps)).await?;
+    let s = 1 - h;
+    let (frozen_pid, survivor_pid) = (cps[h].pid().expect("holder runs"), cps[s].pid().expect("runs"));
+    wait_decisions(&cps[s], &r.id, "stage pilot switched", switched_pilot).await?;
+    let stop_at = now_ms();
+    signal(frozen_pid, "-STOP")?;
+    let deadline = Instant::now() + Duration::from_millis((TTL_MS + TAKEOVER_MARGIN_MS) as u64);
+    let taken = loop {
+        if let Some(t) = lease.first_held_by(survivor_pid, stop_at) {
+            break Some(t);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Stay frozen a little past the takeover, then wake up.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    signal(frozen_pid, "-CONT")?;
+    let lease_ms = taken.map(|t| t - stop_at);
+    eprintln!("FROZEN HOLDER (SIGSTOP): lease taken {lease_ms:?} ms after the freeze; TTL {TTL_MS} ms");
+    let lease_ms = lease_ms.expect("the other replica takes the lease of a frozen holder");
+    assert!(
+        (TTL_MS - TICK_MS - 1_000..=TTL_MS + TAKEOVER_MARGIN_MS).contains(&lease_ms),
+        "takeover from a frozen holder after the TTL: {lease_ms} ms"
+    );
+    wait_completed(&cps[s], &r.id).await?;
+    fleet.wait_all_on(E, Duration::from_secs(10)).await?;
+    let after: Vec<LeaseSample> = lease.since(stop_at + lease_ms);
+    assert!(
+        after
+            .iter()
+            .all(|x| x.holder.as_deref().and_then(holder_pid) == Some(survivor_pid)),
+        "the thawed replica (pid {frozen_pid}) never takes the lease back while the survivor renews it: {:?}",
+        after
+            .iter()
+            .filter(|x| x.holder.as_deref().and_then(holder_pid) != Some(survivor_pid))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    check_log(&cps[s], &mut conn, &r.id, &ids).await?;
+    assert_switched_once(&fleet, &before, D, E);
+    eprintln!("phase 4 (SIGSTOP/SIGCONT): {:?}", t0.elapsed());
 
     lease.stop().await?;
     let stale: BTreeMap<String, BTreeSet<String>> = fleet
