@@ -447,6 +447,15 @@ async fn check_log(
     Ok(log)
 }
 
+/// The decision kinds the controller makes in these rollouts (not the operator's `started`).
+const CONTROLLER_KINDS: [&str; 5] = [
+    "stage-started",
+    "agents-switched",
+    "stage-baking",
+    "stage-done",
+    "completed",
+];
+
 /// `nkudo_rollout_decisions_total{kind="<kind>"}` of one replica (0 when absent).
 async fn decisions_counted(cp: &ControlPlane, kind: &str) -> anyhow::Result<f64> {
     let text = anon(cp).get(cp.url("/metrics")).send().await?.text().await?;
@@ -670,6 +679,13 @@ async fn rollout_controller_across_replicas(backend: Backend) -> anyhow::Result<
     //    thawed it must not act on what it read before: the log stays one decision per transition.
     cps[h].restart().await?;
     let before = fleet.snapshot();
+    // What each replica had counted before this rollout (the restarted one starts at 0).
+    let mut counted_before = BTreeMap::new();
+    for (i, cp) in cps.iter().enumerate() {
+        for kind in CONTROLLER_KINDS {
+            counted_before.insert((i, kind), decisions_counted(cp, kind).await?);
+        }
+    }
     let r = start_rollout(&cps[s], E).await?;
     let h = wait_holder(&mut conn, pids(&cps)).await?;
     let s = 1 - h;
@@ -711,8 +727,22 @@ async fn rollout_controller_across_replicas(backend: Backend) -> anyhow::Result<
             .take(5)
             .collect::<Vec<_>>()
     );
-    check_log(&cps[s], &mut conn, &r.id, &ids).await?;
+    let log = check_log(&cps[s], &mut conn, &r.id, &ids).await?;
     assert_switched_once(&fleet, &before, D, E);
+    // Regression: decisions were counted in nkudo_rollout_decisions_total before their transaction committed, so
+    // a replica whose stale cycle was rolled back (thawed after losing the lease) counted decisions never made.
+    // Both replicas together count exactly the decisions recorded.
+    for kind in CONTROLLER_KINDS {
+        let mut counted = 0.0;
+        for (i, cp) in cps.iter().enumerate() {
+            counted += decisions_counted(cp, kind).await? - counted_before[&(i, kind)];
+        }
+        let recorded = log.iter().filter(|d| d.kind == kind).count() as f64;
+        assert_eq!(
+            counted, recorded,
+            "{kind}: decisions counted by both replicas vs recorded"
+        );
+    }
     eprintln!("phase 4 (SIGSTOP/SIGCONT): {:?}", t0.elapsed());
 
     lease.stop().await?;

@@ -135,6 +135,7 @@ async fn advance(state: &SharedState, mut r: RolloutRow) -> Result<(), CycleErro
     };
     let mut tx = state.db.begin_write().await?;
     let conn: &mut AnyConnection = &mut tx;
+    let seq_at_start = store::last_decision_seq(conn, &r.id).await?;
     let mut stages = store::stages(conn, &r.id).await?;
     let idx = r.current_stage.max(0) as usize;
     let mut runtimes: Runtimes = serde_json::from_str(&r.triggers_json).unwrap_or_default();
@@ -149,7 +150,6 @@ async fn advance(state: &SharedState, mut r: RolloutRow) -> Result<(), CycleErro
                 r.triggers_json = serde_json::to_string(&runtimes).unwrap_or_default();
                 let reason = format!("trigger {trigger} breached in stage {}", stage.name);
                 roll_back(
-                    state,
                     conn,
                     &mut r,
                     &mut stages,
@@ -167,7 +167,7 @@ async fn advance(state: &SharedState, mut r: RolloutRow) -> Result<(), CycleErro
                     now,
                 )
                 .await?;
-                return commit(state, tx, &r, loaded_at).await;
+                return commit(state, tx, &r, loaded_at, seq_at_start).await;
             }
             changed = true;
         }
@@ -179,24 +179,28 @@ async fn advance(state: &SharedState, mut r: RolloutRow) -> Result<(), CycleErro
     }
     if changed {
         r.triggers_json = serde_json::to_string(&runtimes).unwrap_or_default();
-        commit(state, tx, &r, loaded_at).await
+        commit(state, tx, &r, loaded_at, seq_at_start).await
     } else {
         Ok(())
     }
 }
 
-/// Saves the rollout unless an operator changed it meanwhile (then this cycle's work is dropped and redone).
+/// Saves the rollout unless an operator (or another replica) changed it meanwhile: then this cycle's work,
+/// decisions included, is dropped and redone. Decisions are counted in the metrics only once committed.
 async fn commit(
     state: &SharedState,
     mut tx: sqlx::Transaction<'static, sqlx::Any>,
     r: &RolloutRow,
     loaded_at: i64,
+    seq_at_start: i64,
 ) -> Result<(), CycleError> {
     let mut r = r.clone();
     r.updated_at = now_ms().max(loaded_at + 1);
     if store::save_if_unchanged(&mut tx, &r, loaded_at).await? {
+        let kinds = store::decision_kinds_after(&mut tx, &r.id, seq_at_start).await?;
         tx.commit().await?;
         super::publish_metrics(&state.rollout_metrics, &r);
+        super::count_decisions(&state.rollout_metrics, &kinds);
     } else {
         tx.rollback().await?;
     }
@@ -301,7 +305,6 @@ struct RollBack {
 /// Sends every agent the rollout switched back to the version it ran before (a signed rollback target),
 /// marks the release bad when asked, closes the rollout and records why.
 async fn roll_back(
-    state: &SharedState,
     conn: &mut AnyConnection,
     r: &mut RolloutRow,
     stages: &mut [StageRow],
@@ -354,23 +357,15 @@ async fn roll_back(
         now,
     )
     .await?;
-    state.rollout_metrics.decisions.with_label_values(&[rb.kind]).inc();
     r.state = rb.final_state;
     r.finished_at = Some(now);
     Ok(())
 }
 
 /// Public entry for `abort` (the route), inside the caller's transaction.
-pub async fn abort(
-    state: &SharedState,
-    conn: &mut AnyConnection,
-    r: &mut RolloutRow,
-    reason: String,
-    now: i64,
-) -> Result<(), CycleError> {
+pub async fn abort(conn: &mut AnyConnection, r: &mut RolloutRow, reason: String, now: i64) -> Result<(), CycleError> {
     let mut stages = store::stages(conn, &r.id).await?;
     roll_back(
-        state,
         conn,
         r,
         &mut stages,
@@ -402,16 +397,8 @@ fn dec(kind: &'static str, stage: Option<&str>, values: serde_json::Value, actio
     }
 }
 
-async fn decide(
-    state: &SharedState,
-    conn: &mut AnyConnection,
-    r: &RolloutRow,
-    d: NewDecision,
-    now: i64,
-) -> Result<(), CycleError> {
-    let kind = d.kind;
+async fn decide(conn: &mut AnyConnection, r: &RolloutRow, d: NewDecision, now: i64) -> Result<(), CycleError> {
     store::append_decision(conn, &r.id, d, now).await?;
-    state.rollout_metrics.decisions.with_label_values(&[kind]).inc();
     Ok(())
 }
 
@@ -430,7 +417,6 @@ async fn step(
         r.state = RolloutState::Completed;
         r.finished_at = Some(now);
         decide(
-            state,
             conn,
             r,
             dec("completed", None, serde_json::json!({}), "every stage is done".into()),
@@ -491,7 +477,6 @@ async fn step(
                     store::save_stage(conn, &r.id, &row).await?;
                     r.state = RolloutState::WaitingApproval;
                     decide(
-                        state,
                         conn,
                         r,
                         dec(
@@ -520,7 +505,6 @@ async fn step(
                 store::mark_switched(conn, &r.id, &batch, now).await?;
                 let shown: Vec<&String> = batch.iter().take(20).collect();
                 decide(
-                    state,
                     conn,
                     r,
                     dec(
@@ -539,7 +523,6 @@ async fn step(
                 row.bake_until = Some(until_ms);
                 store::save_stage(conn, &r.id, &row).await?;
                 decide(
-                    state,
                     conn,
                     r,
                     dec(
@@ -558,7 +541,6 @@ async fn step(
                 row.completed_at = Some(now);
                 store::save_stage(conn, &r.id, &row).await?;
                 decide(
-                    state,
                     conn,
                     r,
                     dec(
@@ -576,7 +558,6 @@ async fn step(
                     r.state = RolloutState::Completed;
                     r.finished_at = Some(now);
                     decide(
-                        state,
                         conn,
                         r,
                         dec("completed", None, serde_json::json!({}), "every stage is done".into()),
@@ -589,7 +570,6 @@ async fn step(
             Step::ReportTimeout(late) => {
                 let shown: Vec<&String> = late.iter().take(20).collect();
                 roll_back(
-                    state,
                     conn,
                     r,
                     stages,
@@ -648,7 +628,6 @@ async fn start_stage(
             .count();
         if prod > 0 {
             roll_back(
-                state,
                 conn,
                 r,
                 stages,
@@ -706,7 +685,6 @@ async fn start_stage(
     store::save_stage(conn, &r.id, row).await?;
     r.state = RolloutState::Running;
     decide(
-        state,
         conn,
         r,
         dec(

@@ -114,6 +114,14 @@ pub fn publish_metrics(m: &RolloutMetrics, r: &RolloutRow) {
     }
 }
 
+/// Counts decisions in `nkudo_rollout_decisions_total`; call it after the transaction that recorded them has
+/// committed (a rolled-back cycle or a refused operator action records nothing and counts nothing).
+pub fn count_decisions(m: &RolloutMetrics, kinds: &[String]) {
+    for kind in kinds {
+        m.decisions.with_label_values(&[kind.as_str()]).inc();
+    }
+}
+
 /// Members, switched, on the new version, per version, per phase.
 type StageCounts = (i64, i64, i64, BTreeMap<String, i64>, BTreeMap<String, i64>);
 

@@ -474,6 +474,28 @@ fn entry_hash(prev: &str, rollout_id: &str, seq: i64, at: i64, d: &NewDecision) 
 }
 
 /// Appends a decision to the rollout's hash chain (call inside the transaction that acts on it).
+/// The highest decision sequence number of a rollout (0 before its first decision).
+pub async fn last_decision_seq(conn: &mut AnyConnection, rollout_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM rollout_decisions WHERE rollout_id = $1")
+        .bind(rollout_id)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// The kinds of a rollout's decisions after `seq`, in order: what a transaction appended, counted in
+/// `nkudo_rollout_decisions_total` once it has committed.
+pub async fn decision_kinds_after(
+    conn: &mut AnyConnection,
+    rollout_id: &str,
+    seq: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT kind FROM rollout_decisions WHERE rollout_id = $1 AND seq > $2 ORDER BY seq")
+        .bind(rollout_id)
+        .bind(seq)
+        .fetch_all(&mut *conn)
+        .await
+}
+
 pub async fn append_decision(
     conn: &mut AnyConnection,
     rollout_id: &str,

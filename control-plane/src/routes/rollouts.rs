@@ -192,6 +192,7 @@ async fn act(state: &SharedState, id: &str, body: ActionBody, action: &'static s
     let mut tx = state.db.begin_write().await?;
     let mut r = load(&mut tx, id).await?;
     let loaded_at = r.updated_at;
+    let seq_at_start = store::last_decision_seq(&mut tx, &r.id).await?;
     let now = now_ms();
     if r.state.is_final() {
         return Err(ApiError::conflict(format!(
@@ -234,7 +235,7 @@ async fn act(state: &SharedState, id: &str, body: ActionBody, action: &'static s
         }
         _ => {
             let why = reason.clone().unwrap_or_else(|| "aborted by an operator".into());
-            controller::abort(state, &mut tx, &mut r, why, now)
+            controller::abort(&mut tx, &mut r, why, now)
                 .await
                 .map_err(|e| ApiError::internal("abort failed", e))?;
             ("aborted", String::new())
@@ -254,15 +255,16 @@ async fn act(state: &SharedState, id: &str, body: ActionBody, action: &'static s
             now,
         )
         .await?;
-        state.rollout_metrics.decisions.with_label_values(&[kind]).inc();
     }
     r.updated_at = now.max(loaded_at + 1);
     if !store::save_if_unchanged(&mut tx, &r, loaded_at).await? {
         return Err(ApiError::conflict("the rollout changed meanwhile; retry"));
     }
     let view = crate::rollout::view(&mut tx, &r, 20).await?;
+    let kinds = store::decision_kinds_after(&mut tx, &r.id, seq_at_start).await?;
     tx.commit().await?;
     crate::rollout::publish_metrics(&state.rollout_metrics, &r);
+    crate::rollout::count_decisions(&state.rollout_metrics, &kinds);
     Ok(Json(view))
 }
 
