@@ -158,6 +158,28 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// A second replica of `first`: the same (Postgres) database, admin key and PKI (the first replica's dev
+    /// agent CA and server certificate, as persistent files), so agents and clients trust both.
+    pub fn replica_of(self, first: &ControlPlane) -> anyhow::Result<Self> {
+        let url = first
+            .database_url
+            .clone()
+            .context("a replica needs a shared database: start the first control plane on Postgres")?;
+        let pki = first.data_dir.join("pki");
+        let mut b = self.database_url(url).admin_key(first.admin_key.clone());
+        for (var, file) in [
+            ("CA_CERT_FILE", "ca.crt"),
+            ("CA_KEY_FILE", "ca.key"),
+            ("SERVER_CERT_FILE", "server.crt"),
+            ("SERVER_KEY_FILE", "server.key"),
+        ] {
+            let path = pki.join(file);
+            anyhow::ensure!(path.is_file(), "{} missing: dev PKI layout changed?", path.display());
+            b = b.env(var, path.display().to_string());
+        }
+        Ok(b)
+    }
+
     /// Sets no `ADMIN_KEY`: the control plane generates one (dev mode), prints it once and stores it in
     /// `<data>/admin.key`; the harness picks it up from the start-up output.
     pub fn server_generated_admin_key(self) -> Self {

@@ -12,6 +12,7 @@
 //! * [`plans`]: plan, execution, log and VM calls (apply, lease, report results).
 //! * [`edge`]: the real `nkudo-edge` agent on a simulated host ([`EdgeHost`]) with the Cloud Hypervisor and
 //!   NetBird stand-ins, plus polling helpers for plans, executions and logs.
+//! * [`oncall`]: the on-call contract (alert → runbook page) the alert and runbook tests share.
 //! * [`csr`]: CSRs (rcgen ECDSA P-256 or `openssl req` RSA-4096), a throw-away CA, certificate inspection.
 //!
 //! Scenarios that run on both backends are written once as `async fn scenario(backend: Backend)` and
@@ -22,6 +23,7 @@ pub mod csr;
 pub mod db;
 pub mod edge;
 pub mod harness;
+pub mod oncall;
 pub mod plans;
 pub mod prometheus;
 pub mod rawtls;

@@ -20,7 +20,9 @@ use crate::edge::{output_text, EdgeHost};
 use crate::harness::{bin_path, ControlPlane};
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use nkudo_core::api::{Agent, DesiredScope, SetDesiredVersionRequest, SetLabelsRequest};
+use nkudo_core::api::{
+    Agent, DesiredScope, Rollout, RolloutDecisionsResponse, SetDesiredVersionRequest, SetLabelsRequest,
+};
 use nkudo_core::layout::Layout;
 use nkudo_core::manifest::{Artifact, Manifest, PRODUCT, SCHEMA_VERSION};
 use releaser::dist::{trusted_comment, PUBLIC_KEY_FILE, UNTRUSTED_COMMENT};
@@ -753,6 +755,21 @@ pub async fn set_desired_ok(
 }
 
 /// `PUT /admin/sites/{id}/labels` (raw answer).
+/// `GET /admin/rollouts/{id}`.
+pub async fn get_rollout(cp: &ControlPlane, id: &str) -> anyhow::Result<Rollout> {
+    let r = admin(cp).get(cp.url(&format!("/admin/rollouts/{id}"))).send().await?;
+    expect_json(r, StatusCode::OK, "GET /admin/rollouts/{id}").await
+}
+
+/// `GET /admin/rollouts/{id}/decisions`: the decision log and whether its hash chain verifies.
+pub async fn decisions(cp: &ControlPlane, id: &str) -> anyhow::Result<RolloutDecisionsResponse> {
+    let r = admin(cp)
+        .get(cp.url(&format!("/admin/rollouts/{id}/decisions")))
+        .send()
+        .await?;
+    expect_json(r, StatusCode::OK, "GET /admin/rollouts/{id}/decisions").await
+}
+
 pub async fn set_site_labels(cp: &ControlPlane, site_id: &str, labels: &[(&str, &str)]) -> anyhow::Result<Response> {
     let req = SetLabelsRequest {
         labels: labels

@@ -6,7 +6,7 @@
 //!   TLS (the CA bundle, no skip-verify) on the port of `deployments/config/control-plane.env`.
 //! * `promtool check rules` passes on every rule file and `promtool test rules` on every unit-test file; every
 //!   alert has a unit test that fires it and one where it stays quiet.
-//! * Every alert of the on-call contract (/work/notes/common.md, mirrored in [`CONTRACT`]) exists with a severity,
+//! * Every alert of the on-call contract (`nkudo_tests::oncall`) exists with a severity,
 //!   a summary, a description and a `runbook_url` of the contract's form, whose page exists under `runbooks/`.
 //! * Every metric the rules, the Grafana dashboards (`expr`) and the Kubernetes analysis templates (`query`) read
 //!   is exported by the control plane: its name is a string literal in `control-plane/src/**/*.rs` (histograms
@@ -35,28 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// The alerts of the on-call contract and their runbook pages (runbooks/<file>).
-const CONTRACT: &[(&str, &str)] = &[
-    ("NkudoControlPlaneDown", "control-plane-down.md"),
-    ("NkudoPrereleaseInProduction", "prerelease-in-production.md"),
-    ("NkudoHeartbeatIngestDown", "heartbeat-ingest-down.md"),
-    ("NkudoHeartbeatIngestSlow", "heartbeat-ingest-slow.md"),
-    ("NkudoSiteOffline", "site-offline.md"),
-    ("NkudoAgentsOffline", "agents-offline.md"),
-    ("NkudoPlanFailureRateHigh", "plan-failure-rate.md"),
-    ("NkudoEnrollmentFailureRateHigh", "enrollment-failure.md"),
-    ("NkudoAgentsBelowMinimumVersion", "agents-below-minimum-version.md"),
-    ("NkudoAgentUpgradeFailures", "agent-upgrade-failed.md"),
-    ("NkudoAgentCrashLoopRollback", "agent-crash-loop-rollback.md"),
-    ("NkudoRolloutRolledBack", "rollout-rolled-back.md"),
-    ("NkudoAgentCertificateExpiringSoon", "agent-certificate-expiry.md"),
-    ("NkudoTenantIsolationViolation", "tenant-isolation-violation.md"),
-    ("NkudoAuditChainBroken", "audit-chain-broken.md"),
-    ("NkudoAuditVerificationStale", "audit-verification-stale.md"),
-];
-
-/// The prefix of every `runbook_url`; the rest is the page's path under `runbooks/`.
-const RUNBOOK_URL_PREFIX: &str = "https://github.com/n-kudo/n-kudo/blob/main/runbooks/";
+use nkudo_tests::oncall::{CONTRACT_ALERTS as CONTRACT, RUNBOOK_URL_PREFIX};
 
 /// The scrape job of the control plane.
 const JOB: &str = "nkudo-control-plane";

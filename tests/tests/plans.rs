@@ -787,23 +787,10 @@ async fn two_replicas_lease_each_plan_once(backend: Backend) -> anyhow::Result<(
         .database_url
         .clone()
         .context("postgres control plane without database_url")?;
-    let pki = cp1.data_dir.join("pki");
-    for f in ["ca.crt", "ca.key", "server.crt", "server.key"] {
-        anyhow::ensure!(
-            pki.join(f).is_file(),
-            "{} missing: dev PKI layout changed?",
-            pki.join(f).display()
-        );
-    }
     let cp2 = ControlPlane::builder(backend)
-        .database_url(url.clone())
-        .admin_key(cp1.admin_key.clone())
+        .replica_of(&cp1)?
         .env("PLAN_LEASE_TTL", "60s")
         .env("MAX_PENDING_PLANS", "2")
-        .env("CA_CERT_FILE", pki.join("ca.crt").display().to_string())
-        .env("CA_KEY_FILE", pki.join("ca.key").display().to_string())
-        .env("SERVER_CERT_FILE", pki.join("server.crt").display().to_string())
-        .env("SERVER_KEY_FILE", pki.join("server.key").display().to_string())
         .start()
         .await?
         .context("second replica")?;

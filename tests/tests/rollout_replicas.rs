@@ -24,7 +24,7 @@
 //! Proof that these assertions bite: with the lease ignored (`acquire` always true) phase 1 fails (the
 //! replicas share the decisions); without the release on shutdown phase 3 fails (takeover after the TTL).
 
-use nkudo_core::api::{Rollout, RolloutDecision, RolloutDecisionsResponse, RolloutState, StartRolloutRequest};
+use nkudo_core::api::{Rollout, RolloutDecision, RolloutState, StartRolloutRequest};
 use nkudo_tests::releases::*;
 use nkudo_tests::*;
 use reqwest::StatusCode;
@@ -317,19 +317,6 @@ async fn start_rollout(cp: &ControlPlane, version: &str) -> anyhow::Result<Rollo
     expect_json(r, StatusCode::CREATED, "POST /admin/rollouts").await
 }
 
-async fn get_rollout(cp: &ControlPlane, id: &str) -> anyhow::Result<Rollout> {
-    let r = admin(cp).get(cp.url(&format!("/admin/rollouts/{id}"))).send().await?;
-    expect_json(r, StatusCode::OK, "GET /admin/rollouts/{id}").await
-}
-
-async fn decisions(cp: &ControlPlane, id: &str) -> anyhow::Result<RolloutDecisionsResponse> {
-    let r = admin(cp)
-        .get(cp.url(&format!("/admin/rollouts/{id}/decisions")))
-        .send()
-        .await?;
-    expect_json(r, StatusCode::OK, "GET /admin/rollouts/{id}/decisions").await
-}
-
 fn show(log: &[RolloutDecision]) -> String {
     log.iter()
         .map(|d| format!("#{} {} {} {:?} {}", d.seq, d.at, d.kind, d.stage, d.action))
@@ -500,18 +487,8 @@ async fn rollout_controller_across_replicas(backend: Backend) -> anyhow::Result<
             .env_remove("PROMETHEUS_URL")
     };
     let cp0 = start_or_skip!(base(ports[0]).start());
-    let url = cp0
-        .database_url
-        .clone()
-        .expect("postgres control plane has a database url");
-    let pki = cp0.data_dir.join("pki");
     let cp1 = base(ports[1])
-        .database_url(url)
-        .admin_key(cp0.admin_key.clone())
-        .env("CA_CERT_FILE", pki.join("ca.crt").display().to_string())
-        .env("CA_KEY_FILE", pki.join("ca.key").display().to_string())
-        .env("SERVER_CERT_FILE", pki.join("server.crt").display().to_string())
-        .env("SERVER_KEY_FILE", pki.join("server.key").display().to_string())
+        .replica_of(&cp0)?
         .start()
         .await?
         .expect("second replica on the same database");

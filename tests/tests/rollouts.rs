@@ -25,8 +25,7 @@
 
 use chrono::{DateTime, Utc};
 use nkudo_core::api::{
-    ApplyPlanRequest, DesiredScope, PlanActionSpec, Rollout, RolloutDecision, RolloutDecisionsResponse, RolloutState,
-    Site, StartRolloutRequest,
+    ApplyPlanRequest, DesiredScope, PlanActionSpec, Rollout, RolloutDecision, RolloutState, Site, StartRolloutRequest,
 };
 use nkudo_tests::prometheus::Prometheus;
 use nkudo_tests::releases::*;
@@ -188,19 +187,6 @@ async fn status_wait_result(
         .await
         .map_err(|_| anyhow::anyhow!("releaser rollout status --wait still running after {timeout:?}"))???;
     Ok((out.status.code().unwrap_or(-1), out))
-}
-
-async fn get_rollout(cp: &ControlPlane, id: &str) -> anyhow::Result<Rollout> {
-    let r = admin(cp).get(cp.url(&format!("/admin/rollouts/{id}"))).send().await?;
-    expect_json(r, StatusCode::OK, "GET /admin/rollouts/{id}").await
-}
-
-async fn decisions(cp: &ControlPlane, id: &str) -> anyhow::Result<RolloutDecisionsResponse> {
-    let r = admin(cp)
-        .get(cp.url(&format!("/admin/rollouts/{id}/decisions")))
-        .send()
-        .await?;
-    expect_json(r, StatusCode::OK, "GET /admin/rollouts/{id}/decisions").await
 }
 
 fn describe(r: &Rollout) -> String {

@@ -25,37 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The `runbook_url` prefix of the on-call contract; the rest is `<file>.md` under `runbooks/`.
-const RUNBOOK_URL_PREFIX: &str = "https://github.com/n-kudo/n-kudo/blob/main/runbooks/";
-
-/// Alert name → runbook file (the on-call contract shared by the alert rules and the runbooks).
-const CONTRACT_ALERTS: &[(&str, &str)] = &[
-    ("NkudoControlPlaneDown", "control-plane-down.md"),
-    ("NkudoPrereleaseInProduction", "prerelease-in-production.md"),
-    ("NkudoHeartbeatIngestDown", "heartbeat-ingest-down.md"),
-    ("NkudoHeartbeatIngestSlow", "heartbeat-ingest-slow.md"),
-    ("NkudoSiteOffline", "site-offline.md"),
-    ("NkudoAgentsOffline", "agents-offline.md"),
-    ("NkudoPlanFailureRateHigh", "plan-failure-rate.md"),
-    ("NkudoEnrollmentFailureRateHigh", "enrollment-failure.md"),
-    ("NkudoAgentsBelowMinimumVersion", "agents-below-minimum-version.md"),
-    ("NkudoAgentUpgradeFailures", "agent-upgrade-failed.md"),
-    ("NkudoAgentCrashLoopRollback", "agent-crash-loop-rollback.md"),
-    ("NkudoRolloutRolledBack", "rollout-rolled-back.md"),
-    ("NkudoAgentCertificateExpiringSoon", "agent-certificate-expiry.md"),
-    ("NkudoTenantIsolationViolation", "tenant-isolation-violation.md"),
-    ("NkudoAuditChainBroken", "audit-chain-broken.md"),
-    ("NkudoAuditVerificationStale", "audit-verification-stale.md"),
-];
-
-/// Procedure pages of the contract.
-const CONTRACT_PROCEDURES: &[&str] = &[
-    "netbird-join-failure.md",
-    "cloud-hypervisor-command-failure.md",
-    "certificate-rotation.md",
-    "database-backup-restore.md",
-    "control-plane-upgrade.md",
-];
+use nkudo_tests::oncall::{CONTRACT_ALERTS, CONTRACT_PROCEDURES, RUNBOOK_URL_PREFIX};
 
 /// The sections every page has (level-2 headings, in any order).
 const REQUIRED_SECTIONS: &[&str] = &["Symptoms", "Alert", "Diagnose", "Fix", "Verify", "Roll back"];
